@@ -1,0 +1,1 @@
+"""Shared library of vlm-transfer: CLIP loading, data, engine, metrics and reports."""

@@ -1,0 +1,121 @@
+"""Dataset registry: every dataset, real or embedded, is a `Dataset` of `Datum`s built from disk.
+
+A builder is registered under a name and turns a root folder into a `Dataset`. Real builders read
+CoOp's DATA layout (`common/data/real/`), embedded ones read the same layout written by the
+synthetic world (`common/data/synthetic/`), so both go through one code path.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+# Modules whose import registers builders. Listed here (not discovered) so an import error is loud.
+BUILDER_MODULES = ("common.data.real", "common.data.synthetic.datasets")
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One sample. `label` indexes `Dataset.classnames`; `targets` holds multi-hot label indices for
+    multi-label sets; `mask` is a per-pixel label image path for segmentation sets."""
+
+    impath: str
+    label: int
+    classname: str = ""
+    targets: tuple[int, ...] | None = None
+    mask: str | None = None
+
+
+@dataclass
+class Dataset:
+    """Class names, the CoOp prompt template and the three splits; `meta` holds optional extras:
+    `hierarchy` (ProTeCt), `descriptors` (CuPL/VCD JSON path), `templates` (ensemble), `captions`
+    (text-only corpus), `unlabeled` (list[Datum]), `ignore_index` (segmentation), ..."""
+
+    name: str
+    classnames: list[str]
+    template: str
+    train: list[Datum]
+    val: list[Datum]
+    test: list[Datum]
+    root: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "{}" not in self.template:
+            raise ValueError(f"dataset {self.name}: template {self.template!r} lacks a '{{}}' slot for the class name")
+        if len(set(self.classnames)) != len(self.classnames):
+            raise ValueError(f"dataset {self.name}: duplicate class names")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def split(self, name: str) -> list[Datum]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; expected train, val or test")
+        return getattr(self, name)
+
+    def with_splits(self, **splits: Any) -> "Dataset":
+        return replace(self, **splits)
+
+
+_BUILDERS: dict[str, Callable[[Path], Dataset]] = {}
+_DEFAULT_ROOTS: dict[str, str] = {}
+_loaded = False
+
+
+def register_dataset(name: str, default_subdir: str | None = None):
+    """Decorator: register `fn(root: Path) -> Dataset` under `name`.
+
+    `default_subdir` is the folder under the data root where this dataset lives (CoOp folder names
+    for real sets, e.g. "oxford_pets")."""
+
+    def deco(fn: Callable[[Path], Dataset]) -> Callable[[Path], Dataset]:
+        if name in _BUILDERS and _BUILDERS[name] is not fn:
+            raise ValueError(f"dataset {name!r} registered twice")
+        _BUILDERS[name] = fn
+        _DEFAULT_ROOTS[name] = default_subdir or name
+        return fn
+
+    return deco
+
+
+def _load_builders() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for mod in BUILDER_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if not mod.startswith(str(err.name)):  # a real import error inside the module: surface it
+                raise
+    _loaded = True
+
+
+def list_datasets() -> list[str]:
+    _load_builders()
+    return sorted(_BUILDERS)
+
+
+def dataset_dir(name: str, data_root: str | Path) -> Path:
+    """Folder of dataset `name` under `data_root`."""
+    _load_builders()
+    if name not in _BUILDERS:
+        raise KeyError(f"unknown dataset {name!r}; registered: {', '.join(sorted(_BUILDERS))}")
+    return Path(data_root) / _DEFAULT_ROOTS[name]
+
+
+def build_dataset(name: str, data_root: str | Path) -> Dataset:
+    """Build dataset `name` from `<data_root>/<its folder>`."""
+    root = dataset_dir(name, data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset {name!r}: folder {root} does not exist. Put the dataset there in the layout its loader "
+            f"documents (python -c 'import common.data as d; help(d.registry._BUILDERS[\"{name}\"])'), or use the "
+            f"embedded profile (`make repro` writes data/embedded/).")
+    ds = _BUILDERS[name](root)
+    ds.root = root
+    return ds

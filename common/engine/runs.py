@@ -1,0 +1,75 @@
+"""Run records: every protocol run writes one ``metrics.json`` under ``runs/``.
+
+A record is a flat, self-describing JSON object, so reports and the leaderboard only need to glob
+``runs/**/metrics.json``::
+
+    {
+      "paper": "coop",              # folder under papers/ that produced it
+      "method": "coop",             # method as named in paper.yaml rows (baselines: zeroshot_clip, linear_probe)
+      "variant": "m16_end",         # free-form setting name ("" when none)
+      "profile": "embedded",        # embedded | real
+      "protocol": "fewshot",        # fewshot | base2novel | cross_dataset | domain_generalization |
+                                    # multilabel | segmentation | test_time | unsupervised | zeroshot
+      "dataset": "emb_objects",     # dataset the metrics were measured on
+      "source": "emb_objects",      # dataset trained on (== dataset unless transfer)
+      "backbone": "tiny-rn",        # arch name given to load_clip
+      "shots": 16,                  # null for zero-shot / unsupervised
+      "seed": 1,
+      "metrics": {"top1": 71.2},    # percentages; base2novel: base, novel, hm
+      "config": {...},              # the resolved config of the run
+      "wall_s": 12.3
+    }
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+REQUIRED_KEYS = ("paper", "method", "profile", "protocol", "dataset", "backbone", "seed", "metrics")
+RUNS_ROOT = Path(os.environ.get("VLMT_RUNS", "runs"))
+
+
+def run_dir(paper: str, protocol: str, profile: str, dataset: str, backbone: str, method: str,
+            shots: int | None, seed: int, variant: str = "", source: str | None = None,
+            root: Path | str | None = None) -> Path:
+    """Canonical folder of one run: runs/<paper>/<protocol>/<profile>/<source->dataset>/<method[-variant]>/<backbone>/<k..-seed..>."""
+    root = Path(root) if root is not None else RUNS_ROOT
+    ds = dataset if not source or source == dataset else f"{source}--{dataset}"
+    name = method + (f"-{variant}" if variant else "")
+    shot = "zs" if shots is None else f"k{shots}"
+    return root / paper / protocol / profile / ds / name / backbone / f"{shot}-seed{seed}"
+
+
+def write_record(record: dict[str, Any], root: Path | str | None = None) -> Path:
+    """Validate and write a run record to its canonical ``metrics.json``; returns the path."""
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"run record lacks keys {missing}; required: {list(REQUIRED_KEYS)}")
+    if not isinstance(record["metrics"], dict) or not record["metrics"]:
+        raise ValueError("run record 'metrics' must be a non-empty dict of name -> number")
+    rec = {"variant": "", "source": record["dataset"], "shots": None, **record}
+    path = run_dir(rec["paper"], rec["protocol"], rec["profile"], rec["dataset"], rec["backbone"],
+                   rec["method"], rec["shots"], rec["seed"], rec["variant"], rec["source"], root) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, default=str))
+    tmp.replace(path)
+    return path
+
+
+def load_records(root: Path | str | None = None, **filters: Any) -> list[dict[str, Any]]:
+    """All run records under ``root`` (sorted by path for determinism), optionally filtered by equality."""
+    root = Path(root) if root is not None else RUNS_ROOT
+    out = []
+    for p in sorted(root.glob("**/metrics.json")):
+        rec = json.loads(p.read_text())
+        if all(rec.get(k) == v for k, v in filters.items()):
+            rec["_path"] = str(p)
+            out.append(rec)
+    return out
+
+
+def iter_metric(records: Iterable[dict[str, Any]], metric: str) -> list[float]:
+    return [float(r["metrics"][metric]) for r in records if metric in r["metrics"]]
