@@ -23,19 +23,18 @@ A record is a flat, self-describing JSON object, so reports and the leaderboard 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 REQUIRED_KEYS = ("paper", "method", "profile", "protocol", "dataset", "backbone", "seed", "metrics")
-RUNS_ROOT = Path(os.environ.get("VLMT_RUNS", "runs"))
+from ..paths import runs_root
 
 
 def run_dir(paper: str, protocol: str, profile: str, dataset: str, backbone: str, method: str,
             shots: int | None, seed: int, variant: str = "", source: str | None = None,
             root: Path | str | None = None) -> Path:
     """Canonical folder of one run: runs/<paper>/<protocol>/<profile>/<source->dataset>/<method[-variant]>/<backbone>/<k..-seed..>."""
-    root = Path(root) if root is not None else RUNS_ROOT
+    root = Path(root) if root is not None else runs_root()
     ds = dataset if not source or source == dataset else f"{source}--{dataset}"
     name = method + (f"-{variant}" if variant else "")
     shot = "zs" if shots is None else f"k{shots}"
@@ -61,7 +60,7 @@ def write_record(record: dict[str, Any], root: Path | str | None = None) -> Path
 
 def load_records(root: Path | str | None = None, **filters: Any) -> list[dict[str, Any]]:
     """All run records under ``root`` (sorted by path for determinism), optionally filtered by equality."""
-    root = Path(root) if root is not None else RUNS_ROOT
+    root = Path(root) if root is not None else runs_root()
     out = []
     for p in sorted(root.glob("**/metrics.json")):
         rec = json.loads(p.read_text())
