@@ -179,7 +179,10 @@ def load_clip(arch: str, pretrained: str | os.PathLike | None, device: str | tor
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
             arch, pretrained=None, precision="fp32", device="cpu", force_quick_gelu=force_qg, **model_kwargs)
         state = _load_state_dict(path)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"checkpoint {path} does not match arch {arch!r}: {str(err).splitlines()[-1].strip()}") from err
         missing = [k for k in missing if k != "attn_mask"]
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not match arch {arch!r}: missing {missing[:5]}"

@@ -32,6 +32,9 @@ PROFILES = ("embedded", "real")
 STAND_INS = (("rn", "tiny-rn"), ("vit", "tiny-vit"))
 
 
+_ONLY = object()  # "the single shot count of a series"
+
+
 class Missing(Exception):
     """A number a check needs is not in the run records (the claim becomes 'not testable')."""
 
@@ -147,42 +150,49 @@ class Series:
     cells: dict[tuple, dict[int, dict]]
     notes: list[str] = field(default_factory=list)
 
-    def datasets(self, shots: Any = "any") -> list[str]:
-        """Datasets present (at every shot count of the series when it spans several)."""
+    def shots(self) -> list:
+        return sorted({k for k, _ in self.cells}, key=_shot_key)
+
+    def _k(self, shots: Any) -> Any:
+        if shots is _ONLY:
+            ks = self.shots()
+            return ks[0] if len(ks) == 1 else None
+        return shots
+
+    def datasets(self, shots: Any = None, every_shot: bool = True) -> list[str]:
+        """Datasets present at ``shots``, or (default) at every shot count of the series."""
         by_shot: dict[Any, set] = {}
         for (k, ds) in self.cells:
             by_shot.setdefault(k, set()).add(ds)
-        if shots != "any":
+        if not every_shot:
             return sorted(by_shot.get(shots, set()))
         sets = list(by_shot.values())
         return sorted(set.intersection(*sets)) if sets else []
 
-    def shots(self) -> list:
-        return sorted({k for k, _ in self.cells}, key=lambda k: (k is not None, k if k is not None else 0))
+    def seeds(self, dataset: str, shots: Any = _ONLY) -> list[int]:
+        return sorted(self.cells.get((self._k(shots), dataset), {}))
 
-    def cell(self, dataset: str, shots: Any = "only") -> list[dict]:
-        if shots == "only":
-            (shots,) = self.shots() if len(self.shots()) == 1 else (None,)
-        seeds = self.cells.get((shots, dataset))
+    def cell(self, dataset: str, shots: Any = _ONLY) -> list[dict]:
+        seeds = self.cells.get((self._k(shots), dataset))
         if not seeds:
-            raise Missing(f"no {self.metric} for dataset {dataset} in {self.label()}")
+            at = "" if shots is _ONLY else f" at {shots} shots"
+            raise Missing(f"no {self.metric} on {dataset}{at} for {self.label()}")
         return [seeds[s] for s in sorted(seeds)]
 
-    def seeds(self, dataset: str, shots: Any = "only") -> list[int]:
-        if shots == "only":
-            shots = self.shots()[0]
-        return sorted(self.cells.get((shots, dataset), {}))
-
-    def value(self, dataset: str, shots: Any = "only") -> float:
+    def value(self, dataset: str, shots: Any = _ONLY) -> float:
         return aggregate(self.cell(dataset, shots), self.metric)
 
-    def average(self, datasets: Sequence[str], shots: Any = "only") -> float:
+    def average(self, datasets: Sequence[str], shots: Any = _ONLY) -> float:
         if not datasets:
             raise Missing(f"no dataset to average for {self.label()}")
         return average_cells([self.cell(d, shots) for d in datasets], self.metric)
 
     def label(self) -> str:
         return f"{self.metric}({fmt_filters(self.filters)})"
+
+
+def _shot_key(k: Any) -> tuple:
+    return (k is not None, k if k is not None else 0)
 
 
 def resolve(records: Sequence[dict], metric: str, filters: dict[str, tuple], by: str = "dataset",
@@ -194,27 +204,23 @@ def resolve(records: Sequence[dict], metric: str, filters: dict[str, tuple], by:
     sel, notes = dedupe(sel, prefer_paper)
     keys = SERIES_KEYS + (() if by == "shots" else ("shots",))
     for k in keys + ("source",):
-        if k == "source":
-            vals = {field_value(r, "source") for r in sel if role(r) == "target"}
-        else:
-            vals = {field_value(r, k) for r in sel}
+        # the training source must be unique among transfer (target) records; source == dataset otherwise
+        pool = [r for r in sel if role(r) == "target"] if k == "source" else sel
+        vals = {field_value(r, k) for r in pool}
         if len(vals) > 1:
             shown = ", ".join(sorted("null" if v is None else str(v) for v in vals))
             raise Missing(f"{metric}({fmt_filters(filters)}) mixes several {k} values ({shown}); "
                           f"pin {k}=... in the check")
-    lacking = sorted({r["dataset"] for r in sel if metric_of(r["metrics"], metric) is None
-                      and metric != "chance"})
     if metric == "chance":
-        for r in sel:
-            n = n_classes(r)
-            if n is None:
-                raise Missing(f"records of {r['method']} carry no class count (record field 'n_classes') "
-                              f"needed for chance level")
-            r = r  # chance is derived per record below
-    elif lacking:
-        have = sorted({m for r in sel for m in r["metrics"]})
-        raise Missing(f"metric '{metric}' absent from {fmt_filters(filters)} records on {', '.join(lacking)} "
-                      f"(they have: {', '.join(have)})")
+        if any(n_classes(r) is None for r in sel):
+            raise Missing(f"records of {fmt_filters(filters)} carry no class count (record field "
+                          f"'n_classes'), needed for the chance level")
+    else:
+        lacking = sorted({r["dataset"] for r in sel if metric_of(r["metrics"], metric) is None})
+        if lacking:
+            have = sorted({m for r in sel for m in r["metrics"]})
+            raise Missing(f"metric '{metric}' absent from {fmt_filters(filters)} records on "
+                          f"{', '.join(lacking)} (they have: {', '.join(have)})")
     cells: dict[tuple, dict[int, dict]] = {}
     for r in sel:
         metrics = {"chance": 100.0 / n_classes(r)} if metric == "chance" else r["metrics"]

@@ -1,0 +1,156 @@
+"""The evaluation protocols every paper runs, in one place: few-shot, base-to-novel, cross-dataset,
+domain generalisation. A method plugs in one function; the protocol builds the data, loops over
+datasets x shots x seeds with a progress bar, skips runs whose record already exists (so an
+interrupted `reproduce` continues where it stopped), and writes one run record per result.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import metrics
+from ..clip.loader import ClipBundle, load_clip
+from ..data import Dataset, build_dataset, fewshot_split, subsample_classes
+from ..paths import runs_root
+from .cache import cached_features
+from .runs import run_dir, write_record
+from .seed import seed_everything
+
+_BUNDLES: dict[tuple, ClipBundle] = {}
+
+
+def bundle_for(cfg: dict) -> ClipBundle:
+    """The CLIP of this config (memoised: one load per process)."""
+    key = (cfg["arch"], str(cfg["pretrained"]), cfg.get("device", "cpu"), cfg.get("precision", "fp32"))
+    if key not in _BUNDLES:
+        _BUNDLES[key] = load_clip(cfg["arch"], cfg["pretrained"], device=cfg.get("device", "cpu"),
+                                  precision=cfg.get("precision", "fp32"))
+    return _BUNDLES[key]
+
+
+@dataclass
+class Task:
+    """Everything a method needs for one run."""
+
+    cfg: dict
+    bundle: ClipBundle
+    dataset: Dataset            # few-shot train/val already applied (and class subset for base2novel)
+    shots: int | None
+    seed: int
+    out_dir: Any                # folder for this run's checkpoints
+    extra: dict = field(default_factory=dict)
+
+    def features(self, split: str, transform: str = "test", view: int = 0, items=None) -> dict:
+        """Cached frozen features of a split of this task's dataset."""
+        items = self.dataset.split(split) if items is None else items
+        return cached_features(self.bundle, self.dataset.name, split, items, transform=transform, view=view)
+
+
+def _record(cfg: dict, paper: str, method: str, variant: str, protocol: str, dataset: str, source: str,
+            shots: int | None, seed: int, values: dict, wall: float) -> dict:
+    return {"paper": paper, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": protocol,
+            "dataset": dataset, "source": source, "backbone": cfg["arch"], "shots": shots, "seed": seed,
+            "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
+
+
+def _exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=None) -> bool:
+    return (run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant, source)
+            / "metrics.json").is_file() and not cfg.get("force", False)
+
+
+def checkpoint_dir(cfg, paper, protocol, dataset, method, shots, seed, variant):
+    return run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant,
+                   root=runs_root() / "_checkpoints")
+
+
+def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], dict[str, float]],
+                variant: str = "", datasets: list[str] | None = None, shots: list[int] | None = None,
+                seeds: list[int] | None = None) -> list[dict]:
+    """K-shot training on each dataset's train split, top-1 on its full test split."""
+    datasets = datasets or cfg["datasets"]
+    jobs = [(d, k, s) for d in datasets for k in (shots or cfg["shots"]) for s in (seeds or cfg["seeds"])]
+    bundle = bundle_for(cfg)
+    out = []
+    for name, k, seed in tqdm(jobs, desc=f"{paper}/{method} few-shot"):
+        if _exists(cfg, paper, "fewshot", name, method, k, seed, variant):
+            continue
+        t0 = time.time()
+        full = build_dataset(name, cfg["data_root"])
+        task = Task(cfg, bundle, fewshot_split(full, k, seed), k, seed,
+                    checkpoint_dir(cfg, paper, "fewshot", name, method, k, seed, variant))
+        seed_everything(seed)
+        values = fit_eval(task)
+        rec = _record(cfg, paper, method, variant, "fewshot", name, name, k, seed, values, time.time() - t0)
+        write_record(rec)
+        out.append(rec)
+    return out
+
+
+def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any],
+                   evaluate: Callable[[Any, Task], dict[str, float]], variant: str = "",
+                   datasets: list[str] | None = None, shots: int = 16, seeds: list[int] | None = None) -> list[dict]:
+    """CoCoOp's protocol: train on K-shot base classes, test on base and novel classes; HM."""
+    datasets = datasets or cfg["datasets"]
+    bundle = bundle_for(cfg)
+    out = []
+    for name, seed in tqdm([(d, s) for d in datasets for s in (seeds or cfg["seeds"])],
+                           desc=f"{paper}/{method} base2novel"):
+        if _exists(cfg, paper, "base2novel", name, method, shots, seed, variant):
+            continue
+        t0 = time.time()
+        full = fewshot_split(build_dataset(name, cfg["data_root"]), shots, seed)
+        ckpt = checkpoint_dir(cfg, paper, "base2novel", name, method, shots, seed, variant)
+        base = Task(cfg, bundle, subsample_classes(full, "base"), shots, seed, ckpt)
+        novel = Task(cfg, bundle, subsample_classes(full, "new"), shots, seed, ckpt)
+        seed_everything(seed)
+        state = fit(base)
+        b = evaluate(state, base)["top1"]
+        n = evaluate(state, novel)["top1"]
+        rec = _record(cfg, paper, method, variant, "base2novel", name, name, shots, seed,
+                      {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)}, time.time() - t0)
+        write_record(rec)
+        out.append(rec)
+    return out
+
+
+def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callable[[Task], Any],
+                 evaluate: Callable[[Any, Task], dict[str, float]], source: str, targets: list[str],
+                 variant: str = "", shots: int | None = 16, seeds: list[int] | None = None) -> list[dict]:
+    """Train once on `source` (K-shot, all classes), evaluate on the source and every target with the
+    target's own class names: cross-dataset (`cross_dataset`) or domain generalisation (`domain_generalization`)."""
+    if protocol not in ("cross_dataset", "domain_generalization"):
+        raise ValueError(f"run_transfer protocol must be cross_dataset or domain_generalization, got {protocol!r}")
+    bundle = bundle_for(cfg)
+    out = []
+    for seed in tqdm(seeds or cfg["seeds"], desc=f"{paper}/{method} {protocol}"):
+        names = [source] + [t for t in targets if t != source]
+        if all(_exists(cfg, paper, protocol, t, method, shots, seed, variant, source) for t in names):
+            continue
+        t0 = time.time()
+        full = build_dataset(source, cfg["data_root"])
+        src = fewshot_split(full, shots, seed) if shots else full
+        task = Task(cfg, bundle, src, shots, seed, checkpoint_dir(cfg, paper, protocol, source, method, shots, seed,
+                                                                   variant))
+        seed_everything(seed)
+        state = fit(task)
+        for name in names:
+            ds = src if name == source else build_dataset(name, cfg["data_root"])
+            values = evaluate(state, Task(cfg, bundle, ds, shots, seed, task.out_dir))
+            rec = _record(cfg, paper, method, variant, protocol, name, source, shots, seed, values, time.time() - t0)
+            write_record(rec)
+            out.append(rec)
+    return out
+
+
+@torch.no_grad()
+def eval_classifier(task: Task, class_weights: torch.Tensor, scale: float | None = None,
+                    split: str = "test") -> dict[str, float]:
+    """Top-1 of a fixed (K, D) text classifier on cached test features of `task`."""
+    from .evaluate import classification_metrics, cosine_logits
+    feats = task.features(split)
+    scale = scale if scale is not None else float(task.bundle.model.logit_scale.exp())
+    return classification_metrics(cosine_logits(feats["features"], class_weights, scale), feats["labels"])

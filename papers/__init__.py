@@ -1,0 +1,1 @@
+"""One folder per paper; each runs as `python -m papers.<slug> {train,eval,reproduce}`."""
