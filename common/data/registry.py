@@ -45,7 +45,8 @@ class Dataset:
     def __post_init__(self) -> None:
         if "{}" not in self.template:
             raise ValueError(f"dataset {self.name}: template {self.template!r} lacks a '{{}}' slot for the class name")
-        if len(set(self.classnames)) != len(self.classnames):
+        # CLIP's ImageNet names repeat ("missile", "sunglasses") and every published number uses them.
+        if len(set(self.classnames)) != len(self.classnames) and not self.meta.get("allow_duplicate_classnames"):
             raise ValueError(f"dataset {self.name}: duplicate class names")
 
     @property

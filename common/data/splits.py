@@ -66,8 +66,9 @@ def classnames_from(items: list[Datum]) -> list[str]:
     return [names[i] for i in labels]
 
 
-def sample_per_class(items: list[Datum], shots: int, seed: int) -> list[Datum]:
-    """K items per class, as Dassl's generate_fewshot_dataset (with replacement if a class has fewer)."""
+def sample_per_class(items: list[Datum], shots: int, seed: int, repeat: bool = False) -> list[Datum]:
+    """K items per class, as Dassl's generate_fewshot_dataset: a class with fewer than K items keeps
+    all of them (or, with `repeat`, is sampled with replacement)."""
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
     rng = random.Random(seed)
@@ -77,7 +78,10 @@ def sample_per_class(items: list[Datum], shots: int, seed: int) -> list[Datum]:
     out: list[Datum] = []
     for label in sorted(by_label):
         group = by_label[label]
-        out.extend(rng.sample(group, shots) if len(group) >= shots else rng.choices(group, k=shots))
+        if len(group) >= shots:
+            out.extend(rng.sample(group, shots))
+        else:
+            out.extend(rng.choices(group, k=shots) if repeat else group)
     return out
 
 

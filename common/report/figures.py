@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .tables import Group, Key, TRANSFER, dataset_order  # noqa: E402
+from .tables import Group, dataset_order  # noqa: E402
 
 DPI = 100
 STYLE = {"font.size": 8, "axes.titlesize": 9, "legend.fontsize": 7, "figure.dpi": DPI,
@@ -93,59 +93,78 @@ def fewshot_figure(fewshot: Sequence[Group], zeroshot: Sequence[Group], metric: 
 
 
 def bars_figure(groups: Sequence[Group], metrics: Sequence[str], title: str, path: Path) -> Path | None:
-    """Grouped bars: one group per metric (e.g. base, novel, hm), one bar per series, averaged over the
-    datasets every series has."""
+    """Base/novel/HM-style bars: one group per metric, one bar per series, averaged over the datasets
+    every series has."""
     groups = [g for g in groups if all(any(g.has(d, m) for d in g.cells) for m in metrics)]
-    if not groups:
-        return None
     common = [d for d in sorted({d for g in groups for d in g.cells})
               if all(g.has(d, m) for g in groups for m in metrics)]
-    if not common:
+    if not groups or not common:
         return None
-    colors = plt.get_cmap("tab10").colors
-    width = 0.8 / len(groups)
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(metrics) * max(1, len(groups) / 3), 3.0))
-        for i, g in enumerate(groups):
-            vals = [g.average(common, m) for m in metrics]
-            xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(metrics))]
-            ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] or 0.0 for v in vals], capsize=2,
-                   color=colors[i % 10], label=g.key.label() + ("" if g.key.shots is None else f", k={g.key.shots}"))
-        ax.set_xticks(range(len(metrics)))
-        ax.set_xticklabels(metrics)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{title}\naverage over {len(common)} datasets")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(3, len(groups)), frameon=False)
-        fig.tight_layout()
-        return save(fig, path)
+    stats = [[g.average(common, m) for m in metrics] for g in groups]
+    labels = [g.key.label() + ("" if g.key.shots is None else f", k={g.key.shots}") for g in groups]
+    return grouped_bars(labels, list(metrics), [[s[0] for s in row] for row in stats],
+                        [[s[1] for s in row] for row in stats],
+                        f"{title}\naverage over {len(common)} datasets", "accuracy (%)", path)
 
 
 def shift_figure(groups: Sequence[Group], metric: str, title: str, path: Path) -> Path | None:
-    """Bars per evaluation set (source first, then shifted targets), one bar per series."""
+    """Domain-shift bars: one group per evaluation set (source first, then targets), one bar per series."""
     groups = [g for g in groups if any(g.has(d, metric) for d in g.cells)]
     if not groups:
         return None
     datasets = dataset_order(groups)
+    sources = {g.key.source for g in groups if g.key.source}
+    stats = [[g.stat(d, metric)[:2] if g.has(d, metric) else (None, None) for d in datasets] for g in groups]
+    return grouped_bars([g.key.label() for g in groups], [d + (" (source)" if d in sources else "") for d in datasets],
+                        [[s[0] for s in row] for row in stats], [[s[1] for s in row] for row in stats],
+                        title, metric, path)
+
+
+def curve_figure(curves: dict[str, list[tuple]], refs: dict[str, float], title: str, ylabel: str,
+                 path: Path) -> Path | None:
+    """One panel: ``curves`` label -> [(shots, mean, std|None)], ``refs`` label -> horizontal line."""
+    if not curves:
+        return None
     colors = plt.get_cmap("tab10").colors
-    width = 0.8 / len(groups)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(datasets) * max(1, len(groups) / 3), 3.0))
-        for i, g in enumerate(groups):
-            xs, ys, es = [], [], []
-            for j, d in enumerate(datasets):
-                if g.has(d, metric):
-                    m, s, _ = g.stat(d, metric)
-                    xs.append(j + (i - (len(groups) - 1) / 2) * width)
-                    ys.append(m)
-                    es.append(s or 0.0)
-            ax.bar(xs, ys, width, yerr=es, capsize=2, color=colors[i % 10], label=g.key.label())
-        sources = {g.key.source for g in groups if g.key.source}
-        ax.set_xticks(range(len(datasets)))
-        ax.set_xticklabels([d + (" (source)" if d in sources else "") for d in datasets], rotation=20, ha="right")
-        ax.set_ylabel(metric)
+        fig, ax = plt.subplots(figsize=(5.0, 3.6))
+        for i, (label, pts) in enumerate(sorted(curves.items())):
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], marker="o",
+                        ms=3, lw=1.2, capsize=2, color=colors[i % 10], label=label)
+        for j, (label, y) in enumerate(sorted(refs.items())):
+            ax.axhline(y, ls="--", lw=1.0, color=colors[(len(curves) + j) % 10], label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8, 16])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        fig.tight_layout()
+        return save(fig, path)
+
+
+def grouped_bars(series: list[str], categories: list[str], values: list[list[float | None]],
+                 errors: list[list[float | None]], title: str, ylabel: str, path: Path) -> Path | None:
+    """Bars grouped by category (x axis), one colour per series; ``values[s][c]`` (None = no bar)."""
+    if not series or not categories:
+        return None
+    colors = plt.get_cmap("tab10").colors
+    width = 0.8 / len(series)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(categories) * max(1.0, len(series) / 3), 3.4))
+        for i, name in enumerate(series):
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(categories))]
+            pts = [(x, v, e) for x, v, e in zip(xs, values[i], errors[i]) if v is not None]
+            ax.bar([p[0] for p in pts], [p[1] for p in pts], width, yerr=[p[2] or 0.0 for p in pts],
+                   capsize=2, color=colors[i % 10], label=name)
+        ax.set_xticks(range(len(categories)))
+        ax.set_xticklabels(categories, rotation=15 if len(categories) > 3 else 0,
+                           ha="right" if len(categories) > 3 else "center")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(3, len(groups)), frameon=False)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         fig.tight_layout()
         return save(fig, path)

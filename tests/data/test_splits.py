@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from common.data import (CorruptImageError, build_dataset, fewshot_split, load_image, read_split_json,
+                         subsample_classes)
+from tests.fixtures.toy import TOY_CLASSES, write_toy
+
+
+@pytest.fixture
+def toy(tmp_path):
+    write_toy(tmp_path)
+    return build_dataset("toy", tmp_path)
+
+
+def test_fewshot_is_k_per_class_seeded_and_cached(toy, tmp_path):
+    a = fewshot_split(toy, 2, seed=1)
+    assert len(a.train) == 2 * len(TOY_CLASSES) and len(a.val) == 2 * len(TOY_CLASSES)
+    cache = tmp_path / "toy" / "split_fewshot" / "shot_2-seed_1.json"
+    assert cache.is_file()
+    assert fewshot_split(toy, 2, seed=1).train == a.train
+    assert fewshot_split(toy, 2, seed=2).train != a.train
+    # the file is what is reused: edit it and the edit is honoured
+    raw = json.loads(cache.read_text())
+    raw["train"] = raw["train"][::-1]
+    cache.write_text(json.dumps(raw))
+    assert fewshot_split(toy, 2, seed=1).train == a.train[::-1]
+    assert len(fewshot_split(toy, 16, seed=1).val) == 3 * len(TOY_CLASSES)  # val min(K,4) capped by 3 available
+    assert len(fewshot_split(toy, 8, seed=1).train) == 6 * len(TOY_CLASSES)  # Dassl: a short class keeps all
+
+
+def test_base_novel_split_relabels(toy):
+    base, new = subsample_classes(toy, "base"), subsample_classes(toy, "new")
+    assert base.classnames == TOY_CLASSES[:2] and new.classnames == TOY_CLASSES[2:]
+    assert {d.label for d in new.test} == {0, 1}
+    assert all(new.classnames[d.label] == d.classname for d in new.test)
+    with pytest.raises(ValueError, match="subsample"):
+        subsample_classes(toy, "novel")
+
+
+def test_split_errors_name_the_problem(tmp_path):
+    folder = write_toy(tmp_path)
+    with pytest.raises(FileNotFoundError, match="split file .* does not exist"):
+        read_split_json(folder / "nope.json", folder / "images")
+    victims = sorted((folder / "images").rglob("*.png"))[:3]
+    for v in victims:
+        v.unlink()
+    with pytest.raises(FileNotFoundError, match="3 of 56 files listed in .* are missing"):
+        build_dataset("toy", tmp_path)
+    with pytest.raises(FileNotFoundError, match="dataset 'toy': folder"):
+        build_dataset("toy", tmp_path / "elsewhere")
+    with pytest.raises(KeyError, match="unknown dataset 'nope'"):
+        build_dataset("nope", tmp_path)
+
+
+def test_corrupt_image_names_its_path(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(CorruptImageError, match="bad.png"):
+        load_image(bad)
