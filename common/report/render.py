@@ -198,7 +198,9 @@ class Report:
         head = f"- **{v.profile}**: {MARK[v.status]}"
         if v.status == NOT_TESTABLE:
             return [f"{head}: {v.reason}."]
-        lines = [f"{head} on {len(v.datasets)} dataset(s): {', '.join(v.datasets)}" if v.datasets else head]
+        pools = [f"{', '.join(ds)}" + (f" ({label})" if label else "") for label, ds in v.datasets.items()]
+        n = sum(len(ds) for ds in v.datasets.values())
+        lines = [f"{head} on {n} dataset(s): {'; '.join(pools)}" if pools else head]
         if v.dropped:
             lines[0] += "; dropped: " + "; ".join(
                 f"{d} (no run of {', '.join(f'`{t}`' for t in who)})" for d, who in v.dropped.items())

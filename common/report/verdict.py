@@ -40,9 +40,18 @@ class Verdict:
     reason: str = ""
     terms: list[Term] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
-    datasets: list[str] = field(default_factory=list)     # common datasets used
+    datasets: dict[str, list[str]] = field(default_factory=dict)  # pool label -> common datasets used
     dropped: dict[str, list[str]] = field(default_factory=dict)  # dataset -> terms lacking it
     notes: list[str] = field(default_factory=list)
+
+
+def pool_label(sel: Selection) -> str:
+    """Selections over the same pool of datasets are compared on their common datasets."""
+    role = ",".join(sorted(str(r) for r in sel.filter_dict().get("role", ())))
+    label = f"role={role}" if role else ""
+    if sel.exclude:
+        label += (" " if label else "") + "without " + ",".join(sorted(sel.exclude))
+    return label
 
 
 def selection_filters(sel: Selection, claim: Claim, paper: Paper, profile: str) -> dict[str, tuple]:
@@ -93,25 +102,30 @@ def evaluate_claim(claim: Claim, paper: Paper, records: Sequence[dict], profile:
         v.reason = "; ".join(dict.fromkeys(reasons))
         return v
 
-    # datasets common to every selection that does not name its datasets
-    free = [s for s in claim.check.selections if not s.pinned]
+    # datasets common to every selection that does not name its datasets, within each dataset pool
+    # (selections filtered to role=source are not intersected with those filtered to role=target)
     avail = {s: [d for d in series[s].datasets() if d not in s.exclude] for s in claim.check.selections}
-    common = sorted(set.intersection(*(set(avail[s]) for s in free))) if free else []
-    for s in free:
-        for d in avail[s]:
-            if d not in common:
-                lacking = [o.text for o in free if d not in avail[o]]
-                v.dropped.setdefault(d, lacking)
+    pools: dict[str, list[Selection]] = {}
+    for s in claim.check.selections:
+        if not s.pinned:
+            pools.setdefault(pool_label(s), []).append(s)
+    common: dict[str, list[str]] = {}
+    for label, sels in sorted(pools.items()):
+        common[label] = sorted(set.intersection(*(set(avail[s]) for s in sels)))
+        for s in sels:
+            for d in avail[s]:
+                if d not in common[label]:
+                    v.dropped.setdefault(d, [o.text for o in sels if d not in avail[o]])
+        if not common[label]:
+            v.reason = "no dataset is common to all terms: " + "; ".join(
+                f"`{s.text}` has {', '.join(avail[s]) or 'none'}" for s in sels)
+            return v
     v.dropped = dict(sorted(v.dropped.items()))
     v.datasets = common
-    if free and not common:
-        v.reason = "no dataset is common to all terms: " + "; ".join(
-            f"`{s.text}` has {', '.join(avail[s]) or 'none'}" for s in free)
-        return v
 
     def datasets_of(sel: Selection) -> list[str]:
         if not sel.pinned:
-            return common
+            return common[pool_label(sel)]
         want = [str(d) for d in dict(sel.filters)["dataset"]]
         have = {norm(d): d for d in avail[sel]}
         missing = [d for d in want if norm(d) not in have]

@@ -1,0 +1,315 @@
+"""``reports/leaderboard.md``: every method that has run, per protocol and backbone, on a shared grid.
+
+Fairness rule: within one table every method is averaged over the same cells, the (dataset, shots, seed)
+cells that all listed methods ran (seed is ignored for runs without training data, shots = null, whose
+single seed is arbitrary). So that one incomplete run does not shrink everybody's grid, the grid is the
+set of cells at least half of the methods ran, and a method missing part of it is listed under the table
+(with what it lacks) instead of in it.
+
+Also written: ``leaderboard.json`` (flat ``protocol/backbone/method/column -> value``, for ``dvc metrics``),
+``plots/fewshot.csv`` (average few-shot curve per method, for ``dvc plots``) and PNG figures.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from common.engine.runs import load_records
+
+from . import figures
+from .records import PROTOCOLS, _shot_key, aggregate, dedupe, field_value, harmonic, metric_of, seed_std
+from .render import EMBEDDED_CAVEAT
+from .tables import TRANSFER, fmt_pm, md_table, metric_title, metrics_for
+
+MAX_DATASET_COLUMNS = 8
+
+
+@dataclass(frozen=True, order=True)
+class Entry:
+    """A leaderboard row: one method setting (few-shot rows span shot counts)."""
+    method: str
+    variant: str
+    source: str
+    shots: Any          # None for fewshot rows (shots are columns there)
+
+    def label(self) -> str:
+        s = self.method + (f" ({self.variant})" if self.variant else "")
+        return s + (f", k={self.shots}" if self.shots is not None else "")
+
+    def slug(self) -> str:
+        return self.method + (f"-{self.variant}" if self.variant else "") + \
+            (f"-k{self.shots}" if self.shots is not None else "")
+
+
+def _cells(records: Sequence[dict], protocol: str, metric: str) -> dict[Entry, dict[tuple, dict]]:
+    """Entry -> {(dataset, shots, seed|None): metrics}. Seed is None for runs without training shots."""
+    out: dict[Entry, dict[tuple, dict]] = {}
+    for r in records:
+        if metric_of(r["metrics"], metric) is None:
+            continue
+        src = field_value(r, "source") if protocol in TRANSFER else ""
+        shots = r.get("shots")
+        e = Entry(r["method"], field_value(r, "variant"), src, None if protocol == "fewshot" else shots)
+        cell = (r["dataset"], shots, None if shots is None else int(r["seed"]))
+        out.setdefault(e, {}).setdefault(cell, []).append(r["metrics"])
+    # runs without a seed in the cell key may have several seeds: keep them all under one cell
+    return out
+
+
+def shared_grid(coverage: dict[Entry, set]) -> tuple[list[Entry], set, dict[Entry, list]]:
+    """Listed entries, their common cells, and the excluded entries with the cells they lack."""
+    if not coverage:
+        return [], set(), {}
+    need = math.ceil(len(coverage) / 2)
+    counts: dict[tuple, int] = {}
+    for cov in coverage.values():
+        for c in cov:
+            counts[c] = counts.get(c, 0) + 1
+    majority = {c for c, n in counts.items() if n >= need}
+    listed = [e for e in sorted(coverage) if majority <= coverage[e]]
+    if not listed:
+        listed = sorted(coverage)
+    grid = set.intersection(*(coverage[e] for e in listed))
+    excluded = {e: sorted(grid - coverage[e], key=_cell_key) for e in sorted(coverage) if e not in listed}
+    return listed, grid, excluded
+
+
+def _cell_key(c: tuple) -> tuple:
+    return (c[0], _shot_key(c[1]), -1 if c[2] is None else c[2])
+
+
+def _avg(cells: dict[tuple, list], grid: set, metric: str, shots: Any = "all") -> tuple[float, float | None]:
+    """Seed-first, then dataset average over the grid cells (optionally at one shot count); std over seeds
+    of the per-seed dataset averages when every dataset has the same seeds."""
+    chosen = sorted((c for c in grid if shots == "all" or c[1] == shots), key=_cell_key)
+    by_ds: dict[tuple, list] = {}
+    for c in chosen:
+        by_ds.setdefault((c[0], c[1]), []).extend(cells[c])
+    per_ds = list(by_ds.values())
+    if metric == "hm" and all("base" in m and "novel" in m for ms in per_ds for m in ms):
+        mean = harmonic(math.fsum(aggregate(ms, "base") for ms in per_ds) / len(per_ds),
+                        math.fsum(aggregate(ms, "novel") for ms in per_ds) / len(per_ds))
+    else:
+        mean = math.fsum(aggregate(ms, metric) for ms in per_ds) / len(per_ds)
+    seedsets = {tuple(sorted(c[2] for c in chosen if (c[0], c[1]) == k)) for k in by_ds}
+    std = None
+    if len(seedsets) == 1 and None not in next(iter(seedsets)) and len(next(iter(seedsets))) >= 2:
+        per_seed = []
+        for s in next(iter(seedsets)):
+            sub = {c for c in chosen if c[2] == s}
+            per_seed.append(_avg(cells, sub, metric)[0])
+        std = seed_std(per_seed)
+    return mean, std
+
+
+def _describe(grid: set) -> str:
+    ds = sorted({c[0] for c in grid})
+    shots = sorted({c[1] for c in grid if c[1] is not None})
+    seeds = sorted({c[2] for c in grid if c[2] is not None})
+    parts = [f"datasets {', '.join(ds)}"]
+    if shots:
+        parts.append("shots " + ", ".join(map(str, shots)))
+    if seeds:
+        parts.append("seeds " + ", ".join(map(str, seeds)))
+    return "; ".join(parts)
+
+
+def _lacks(cells: list) -> str:
+    shown = [f"{d}" + (f" k={k}" if k is not None else "") + (f" seed {s}" if s is not None else "")
+             for d, k, s in cells[:3]]
+    return ", ".join(shown) + (f" and {len(cells) - 3} more" if len(cells) > 3 else "")
+
+
+class Leaderboard:
+    def __init__(self, records: Sequence[dict], profile: str = "embedded"):
+        self.profile = profile
+        recs, self.dup_notes = dedupe([r for r in records if r["profile"] == profile])
+        self.records = recs
+        self.metrics: dict[str, float] = {}
+        self.fewshot_rows: list[dict] = []
+        self.figure_specs: list[tuple] = []
+
+    def build(self) -> str:
+        out = [f"# Leaderboard ({self.profile} profile)", "",
+               "Generated by `python -m common.report --leaderboard` from the run records under `runs/`; "
+               "do not edit by hand.", "",
+               "Every table averages all its methods over the same cells: the datasets, shots and seeds that "
+               "every listed method ran (stated under each table), seed-averaged per dataset first. A method "
+               "that misses part of the grid most methods share is listed under the table instead of "
+               "shrinking it. Rows are sorted by the last column."]
+        if self.profile == "embedded":
+            out += ["", "> " + EMBEDDED_CAVEAT]
+        if not self.records:
+            return "\n".join(out + ["", f"No {self.profile}-profile run records yet."]) + "\n"
+        for proto in PROTOCOLS:
+            precs = [r for r in self.records if r["protocol"] == proto]
+            for bb in sorted({r["backbone"] for r in precs}):
+                brecs = [r for r in precs if r["backbone"] == bb]
+                for metric in ([metrics_for(proto, brecs)[0]] if proto != "base2novel" else ["hm"]):
+                    out += self._section(proto, bb, metric, brecs)
+        return "\n".join(out).rstrip() + "\n"
+
+    def _section(self, proto: str, bb: str, metric: str, recs: list[dict]) -> list[str]:
+        if proto == "base2novel":
+            cells = _cells(recs, proto, "base")
+            cells = {e: {c: v for c, v in cs.items() if all("novel" in m for m in v)} for e, cs in cells.items()}
+        else:
+            cells = _cells(recs, proto, metric)
+        cells = {e: c for e, c in cells.items() if c}
+        if not cells:
+            return []
+        listed, grid, excluded = shared_grid({e: set(c) for e, c in cells.items()})
+        title = f"## {proto} · {bb}"
+        if not grid:
+            return ["", title, "", "No cell is shared by the methods that ran: "
+                    + "; ".join(f"{e.label()} ran {_describe(set(cells[e]))}" for e in sorted(cells))]
+        if proto == "fewshot":
+            header, rows = self._fewshot(bb, metric, listed, grid, cells, recs)
+        elif proto == "base2novel":
+            header, rows = self._base2novel(bb, listed, grid, cells)
+        elif proto in TRANSFER:
+            header, rows = self._transfer(proto, bb, metric, listed, grid, cells)
+        else:
+            header, rows = self._generic(proto, bb, metric, listed, grid, cells)
+        rows.sort(key=lambda r: (-r[0] if r[0] is not None else math.inf, r[1][0]))
+        out = ["", title, "", f"{metric_title(metric) if proto != 'base2novel' else 'accuracy (%)'}; "
+               f"mean ± std over seeds.", "",
+               md_table(header, [r[1] for r in rows], [False] + [True] * (len(header) - 1)), "",
+               f"Shared grid: {_describe(grid)}."]
+        for e, lack in excluded.items():
+            out.append(f"Not listed: {e.label()} (lacks {_lacks(lack)}).")
+        return out
+
+    def _put(self, proto: str, bb: str, e: Entry, col: str, value: float) -> None:
+        self.metrics[f"{proto}/{bb}/{e.slug()}/{col}"] = round(value, 4)
+
+    def _fewshot(self, bb, metric, listed, grid, cells, recs):
+        shots = sorted({c[1] for c in grid})
+        datasets = sorted({c[0] for c in grid})
+        header = ["method", "k=0 (zero-shot)"] + [f"k={k}" for k in shots]
+        rows, curves = [], {}
+        for e in listed:
+            stats = [_avg(cells[e], grid, metric, k) for k in shots]
+            for k, (m, _) in zip(shots, stats):
+                self._put("fewshot", bb, e, f"k{k}", m)
+                self.fewshot_rows.append({"backbone": bb, "method": e.label(), "shots": k,
+                                          metric: round(m, 4), "std": "" if _ is None else round(_, 4)})
+            curves[e.label()] = [(k, m, s) for k, (m, s) in zip(shots, stats)]
+            rows.append((stats[-1][0], [e.label(), "—"] + [fmt_pm(m, s) for m, s in stats]))
+        # zero-shot reference rows (protocol zeroshot) over the same datasets
+        refs = {}
+        zrecs = [r for r in self.records if r["protocol"] == "zeroshot" and r["backbone"] == bb]
+        for e, zc in sorted(_cells(zrecs, "zeroshot", metric).items()):
+            zgrid = {c for c in zc if c[0] in datasets}
+            if {c[0] for c in zgrid} != set(datasets):
+                continue
+            m, s = _avg(zc, zgrid, metric)
+            self._put("fewshot", bb, e, "k0", m)
+            self.fewshot_rows.append({"backbone": bb, "method": e.label() + " zero-shot", "shots": 0,
+                                      metric: round(m, 4), "std": "" if s is None else round(s, 4)})
+            refs[e.label() + " zero-shot"] = m
+            rows.append((None, [e.label() + " (zero-shot)", fmt_pm(m, s)] + ["—"] * len(shots)))
+        if not refs:  # no zero-shot run to show: drop the k=0 column
+            header = [header[0]] + header[2:]
+            rows = [(r[0], [r[1][0]] + r[1][2:]) for r in rows]
+        self.figure_specs.append(("curve", f"fewshot_{bb}", curves, refs,
+                                  f"Few-shot average over {len(datasets)} datasets, {bb}", metric))
+        return header, rows
+
+    def _base2novel(self, bb, listed, grid, cells):
+        header = ["method", "base", "novel", "HM"]
+        rows, vals = [], []
+        for e in listed:
+            st = [_avg(cells[e], grid, m) for m in ("base", "novel", "hm")]
+            for name, (m, _) in zip(("base", "novel", "hm"), st):
+                self._put("base2novel", bb, e, name, m)
+            vals.append(st)
+            rows.append((st[2][0], [e.label()] + [fmt_pm(*s) for s in st]))
+        self.figure_specs.append(("bars", f"base2novel_{bb}", [e.label() for e in listed], ["base", "novel", "HM"],
+                                  vals, f"Base-to-novel average, {bb}", "accuracy (%)"))
+        return header, rows
+
+    def _transfer(self, proto, bb, metric, listed, grid, cells):
+        sources = sorted({e.source for e in listed})
+        src_cells = {c for c in grid if c[0] in sources}
+        tgt_cells = grid - src_cells
+        targets = sorted({c[0] for c in tgt_cells})
+        show = targets if len(targets) <= MAX_DATASET_COLUMNS else []
+        header = ["method", "source"] + show + ["target avg"]
+        rows, vals = [], []
+        for e in listed:
+            src = _avg(cells[e], {c for c in src_cells if c[0] == e.source}, metric) \
+                if any(c[0] == e.source for c in src_cells) else (None, None)
+            per = [_avg(cells[e], {c for c in tgt_cells if c[0] == d}, metric) for d in show]
+            tgt = _avg(cells[e], tgt_cells, metric) if tgt_cells else (None, None)
+            if src[0] is not None:
+                self._put(proto, bb, e, "source", src[0])
+            if tgt[0] is not None:
+                self._put(proto, bb, e, "target_avg", tgt[0])
+            vals.append([src] + per + [tgt])
+            label = e.label() + (f" [{e.source}]" if len(sources) > 1 else "")
+            rows.append((tgt[0], [label, fmt_pm(*src)] + [fmt_pm(*p) for p in per] + [fmt_pm(*tgt)]))
+        self.figure_specs.append(("bars", f"{proto}_{bb}", [e.label() for e in listed],
+                                  ["source"] + show + ["target avg"], vals,
+                                  f"{proto.replace('_', ' ')}, {bb}", metric))
+        return header, rows
+
+    def _generic(self, proto, bb, metric, listed, grid, cells):
+        datasets = sorted({c[0] for c in grid})
+        show = datasets if len(datasets) <= MAX_DATASET_COLUMNS else []
+        header = ["method"] + show + ["avg"]
+        rows = []
+        for e in listed:
+            per = [_avg(cells[e], {c for c in grid if c[0] == d}, metric) for d in show]
+            avg = _avg(cells[e], grid, metric)
+            self._put(proto, bb, e, "avg", avg[0])
+            rows.append((avg[0], [e.label()] + [fmt_pm(*p) for p in per] + [fmt_pm(*avg)]))
+        return header, rows
+
+    def write_figures(self, out_dir: Path) -> list[Path]:
+        made = []
+        for spec in self.figure_specs:
+            kind, name = spec[0], spec[1]
+            path = out_dir / f"leaderboard_{name}.png"
+            if kind == "curve":
+                p = figures.curve_figure(spec[2], spec[3], spec[4], spec[5], path)
+            else:
+                series, cats, vals, title, ylabel = spec[2], spec[3], spec[4], spec[5], spec[6]
+                p = figures.grouped_bars(series, cats, [[v[0] for v in row] for row in vals],
+                                         [[v[1] for v in row] for row in vals], title, ylabel, path)
+            if p is not None:
+                made.append(p)
+        return made
+
+
+def write_leaderboard(runs_root: Path | str | None = None, out_dir: Path | str = "reports",
+                      profile: str = "embedded") -> dict[str, Path]:
+    """Write leaderboard.md, leaderboard.json, plots/fewshot.csv and leaderboard_*.png under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in sorted(out_dir.glob("leaderboard_*.png")):
+        old.unlink()
+    lb = Leaderboard(load_records(runs_root), profile)
+    text = lb.build()
+    figs = lb.write_figures(out_dir)
+    if figs:
+        text += "\n## Figures\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figs) + "\n"
+    paths = {"md": out_dir / "leaderboard.md", "json": out_dir / "leaderboard.json",
+             "csv": out_dir / "plots" / "fewshot.csv"}
+    paths["md"].write_text(text)
+    paths["json"].write_text(json.dumps(dict(sorted(lb.metrics.items())), indent=1) + "\n")
+    paths["csv"].parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    metric = next((k for row in lb.fewshot_rows for k in row if k not in ("backbone", "method", "shots", "std")),
+                  "top1")
+    w = csv.DictWriter(buf, fieldnames=["backbone", "method", "shots", metric, "std"], lineterminator="\n")
+    w.writeheader()
+    for row in sorted(lb.fewshot_rows, key=lambda r: (r["backbone"], r["method"], r["shots"])):
+        w.writerow(row)
+    paths["csv"].write_text(buf.getvalue())
+    return paths
