@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -63,8 +64,19 @@ def _exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=
 
 
 def checkpoint_dir(cfg, paper, protocol, dataset, method, shots, seed, variant):
-    return run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant,
-                   root=runs_root() / "_checkpoints")
+    """Training checkpoints of one run, inside the paper's runs folder (so a pipeline rerun clears them)."""
+    return run_dir("_checkpoints", protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant,
+                   root=runs_root() / paper)
+
+
+def _finish(rec: dict, out_dir) -> dict:
+    """Write the record, then drop the run's resume checkpoint: it exists only to survive interruption,
+    and a stale one must never be 'resumed' by a later run with changed code."""
+    write_record(rec)
+    if out_dir is not None:
+        ckpt = Path(out_dir) / "checkpoint.pt"
+        ckpt.unlink(missing_ok=True)
+    return rec
 
 
 def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], dict[str, float]],
@@ -85,8 +97,7 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
         seed_everything(seed)
         values = fit_eval(task)
         rec = _record(cfg, paper, method, variant, "fewshot", name, name, k, seed, values, time.time() - t0)
-        write_record(rec)
-        out.append(rec)
+        out.append(_finish(rec, task.out_dir))
     return out
 
 
@@ -112,8 +123,7 @@ def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any
         n = evaluate(state, novel)["top1"]
         rec = _record(cfg, paper, method, variant, "base2novel", name, name, shots, seed,
                       {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)}, time.time() - t0)
-        write_record(rec)
-        out.append(rec)
+        out.append(_finish(rec, ckpt))
     return out
 
 
@@ -141,8 +151,7 @@ def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callabl
             ds = src if name == source else build_dataset(name, cfg["data_root"])
             values = evaluate(state, Task(cfg, bundle, ds, shots, seed, task.out_dir))
             rec = _record(cfg, paper, method, variant, protocol, name, source, shots, seed, values, time.time() - t0)
-            write_record(rec)
-            out.append(rec)
+            out.append(_finish(rec, task.out_dir if name == names[-1] else None))
     return out
 
 

@@ -1,0 +1,53 @@
+import torch.nn as nn
+
+from common.config import load_config
+from common.engine import TrainConfig, Trainer, index_batches, load_records
+from common.engine.protocols import run_base2novel, run_fewshot, run_transfer
+from common.metrics import harmonic_mean
+from tests.papers.helpers import toy_overrides
+
+CONFIG = "papers/zeroshot_clip/config.yaml"
+
+
+def _cfg(tmp_path, bundle):
+    return load_config(CONFIG, "embedded", toy_overrides(tmp_path, bundle)[1::2])
+
+
+def test_fewshot_writes_records_drops_checkpoints_and_skips_done(tmp_path, tiny_rn):
+    cfg = _cfg(tmp_path, tiny_rn)
+    seen = []
+
+    def fit_eval(task):
+        seen.append((task.dataset.name, task.shots, task.seed, len(task.dataset.train)))
+        head = nn.Linear(tiny_rn.embed_dim, task.dataset.num_classes)
+        f = task.features("train")
+        Trainer(head, TrainConfig(epochs=2, warmup_epochs=0), task.out_dir).fit(
+            lambda idx: nn.functional.cross_entropy(head(f["features"][idx]), f["labels"][idx]),
+            lambda ep: index_batches(len(f["labels"]), 4, task.seed, ep))
+        assert (task.out_dir / "checkpoint.pt").is_file()
+        return {"top1": 50.0}
+
+    recs = run_fewshot(cfg, "demo", "demo", fit_eval)
+    assert seen == [("toy", 1, 1, 4), ("toy", 2, 1, 8)]
+    assert [r["shots"] for r in recs] == [1, 2] and all(r["backbone"] == "tiny-rn" for r in recs)
+    assert not list((tmp_path / "runs").rglob("checkpoint.pt")), "finished runs must not leave resume checkpoints"
+    assert list((tmp_path / "runs" / "demo" / "_checkpoints").rglob("train_log.json"))
+    assert run_fewshot(cfg, "demo", "demo", fit_eval) == [] and len(seen) == 2  # done runs are skipped
+    assert len(load_records(paper="demo")) == 2
+
+
+def test_base2novel_and_transfer(tmp_path, tiny_rn):
+    cfg = _cfg(tmp_path, tiny_rn)
+    calls = []
+
+    def evaluate(state, task):
+        calls.append(task.dataset.classnames)
+        return {"top1": 80.0 if "[base]" in task.dataset.name else 40.0}
+
+    rec = run_base2novel(cfg, "demo", "demo", lambda t: None, evaluate)[0]
+    assert calls == [["red square", "green circle"], ["blue triangle", "yellow star"]]
+    assert rec["metrics"] == {"base": 80.0, "novel": 40.0, "hm": round(harmonic_mean(80, 40), 4)}
+    out = run_transfer(cfg, "demo", "demo", "domain_generalization", lambda t: t.dataset.name,
+                       lambda state, t: {"top1": 1.0 if t.dataset.name == state else 0.0}, "toy", ["toy_shift"])
+    assert [(r["source"], r["dataset"], r["metrics"]["top1"]) for r in out] == [("toy", "toy", 1.0),
+                                                                                ("toy", "toy_shift", 0.0)]
