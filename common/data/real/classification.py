@@ -46,7 +46,10 @@ def read_coop_split(name: str, root: Path, image_dir: Path, split_file: str,
     rename = rename or {}
     for key, items in splits.items():
         splits[key] = [replace(d, classname=clean_classname(rename.get(d.classname, d.classname))) for d in items]
-    classnames = classnames_from(splits["train"] + splits["val"] + splits["test"])
+    try:
+        classnames = classnames_from(splits["train"] + splits["val"] + splits["test"])
+    except ValueError as err:
+        raise ValueError(f"dataset {name!r}: split file {split_path}: {err}") from err
     return Dataset(name=name, classnames=classnames, template=COOP_TEMPLATES[name], train=splits["train"],
                    val=splits["val"], test=splits["test"], meta={"split_file": str(split_path), **meta})
 

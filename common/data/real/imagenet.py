@@ -8,7 +8,9 @@ its ImageNet label so a 1000-way head can be restricted to them.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 
 from ..registry import Dataset, Datum
@@ -38,16 +40,22 @@ def _find_classnames(name: str, root: Path) -> "OrderedDict[str, str]":
                              f"classnames.txt there.\n{layout_help(name)}")
 
 
+@lru_cache(maxsize=8)
+def _list_files(split_dir: str, folders: tuple[str, ...], stamps: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(listdir_nohidden(Path(split_dir) / f, dirs=False)) for f in folders)
+
+
 def _read_folders(name: str, split_dir: Path, folders: list[str], names: dict[str, str]) -> list[Datum]:
     """Images of `folders` (label = position in the list), sorted by file name."""
     unknown = [f for f in folders if f not in names]
     if unknown:
         raise ValueError(f"dataset {name!r}: {len(unknown)} class folders in {split_dir} are not in classnames.txt, "
                          f"e.g. {unknown[:5]}")
-    items = []
-    for label, folder in enumerate(folders):
-        for im in listdir_nohidden(split_dir / folder, dirs=False):
-            items.append(Datum(str(split_dir / folder / im), label, names[folder]))
+    # Listing 1.28M files takes a while; reuse the listing in this process while no folder changed.
+    stamps = tuple(os.stat(split_dir / f).st_mtime_ns for f in folders)
+    files = _list_files(str(split_dir), tuple(folders), stamps)
+    items = [Datum(str(split_dir / folders[label] / im), label, names[folders[label]])
+             for label, ims in enumerate(files) for im in ims]
     if not items:
         raise DatasetLayoutError(f"dataset {name!r}: no images under {split_dir}.\n{layout_help(name)}")
     return items

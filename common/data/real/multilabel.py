@@ -10,7 +10,9 @@ on the test split (val == test); here `val` is empty, select on part of train in
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
+from functools import lru_cache
 from pathlib import Path
 
 from ..registry import Dataset, Datum
@@ -25,7 +27,7 @@ VOC_CLEAN_CLASSNAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus",
                         "train", "tv monitor")
 
 
-def _datum(impath: str, targets: set[int], classnames) -> Datum:
+def _datum(impath: str, targets, classnames) -> Datum:
     t = tuple(sorted(targets))
     return Datum(impath, t[0] if t else -1, classnames[t[0]] if t else "", targets=t)
 
@@ -60,21 +62,31 @@ def build_voc2007(root: Path) -> Dataset:
     image_dir = need_dir(root / "JPEGImages", name, "image folder")
     ann_dir = need_dir(root / "Annotations", name, "annotation folder")
     index = {c: i for i, c in enumerate(VOC_CLASSNAMES)}
-    splits = {}
-    for split, list_name in (("train", "trainval"), ("test", "test")):
+    ids = {}
+    for split, list_name in (("train", "trainval"), ("test", "test")):  # every file checked before parsing
         list_path = need_file(root / "ImageSets" / "Main" / f"{list_name}.txt", name, "split file")
-        ids = read_lines(list_path)
-        check_listed([str(image_dir / f"{i}.jpg") for i in ids] + [str(ann_dir / f"{i}.xml") for i in ids],
-                     name, list_path)
-        splits[split] = [_datum(str(image_dir / f"{i}.jpg"), read_voc_xml(ann_dir / f"{i}.xml", index),
-                                VOC_CLASSNAMES) for i in ids]
+        ids[split] = read_lines(list_path)
+        check_listed([str(image_dir / f"{i}.jpg") for i in ids[split]] +
+                     [str(ann_dir / f"{i}.xml") for i in ids[split]], name, list_path)
+    splits = {split: [_datum(str(image_dir / f"{i}.jpg"), read_voc_xml(ann_dir / f"{i}.xml", index), VOC_CLASSNAMES)
+                      for i in split_ids] for split, split_ids in ids.items()}
     return Dataset(name=name, classnames=list(VOC_CLASSNAMES), template="a photo of a {}.", train=splits["train"],
                    val=[], test=splits["test"],
                    meta={"multilabel": True, "clean_classnames": list(VOC_CLEAN_CLASSNAMES)})
 
 
-def read_coco_instances(path: Path, image_dir: Path) -> tuple[list[str], list[tuple[str, set[int]]]]:
-    """Class names (categories by id) and (image path, positive classes) per annotated image."""
+def read_coco_instances(path: Path, image_dir: Path) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
+    """Class names (categories by id) and (image path, positive classes) per annotated image.
+
+    The train JSON is ~0.5 GB; the parse is reused in this process while the file is unchanged."""
+    st = os.stat(path)
+    names, items = _parse_coco(str(path), str(image_dir), st.st_mtime_ns, st.st_size)
+    return list(names), list(items)
+
+
+@lru_cache(maxsize=2)
+def _parse_coco(path: str, image_dir: str, mtime: int, size: int):
+    path, image_dir = Path(path), Path(image_dir)
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -92,7 +104,8 @@ def read_coco_instances(path: Path, image_dir: Path) -> tuple[list[str], list[tu
     if unknown:
         raise ValueError(f"COCO annotation file {path}: {len(unknown)} annotated image ids are not in 'images', "
                          f"e.g. {unknown[:5]}")
-    return [c["name"] for c in cats], [(str(image_dir / files[i]), t) for i, t in targets.items()]
+    return tuple(c["name"] for c in cats), tuple((str(image_dir / files[i]), tuple(sorted(t)))
+                                                 for i, t in targets.items())
 
 
 @real_dataset("coco2014", "mscoco_2014", """
