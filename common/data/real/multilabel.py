@@ -97,6 +97,9 @@ def _parse_coco(path: str, image_dir: str, mtime: int, size: int):
     cats = sorted(raw["categories"], key=lambda c: c["id"])
     label_of = {c["id"]: i for i, c in enumerate(cats)}
     files = {im["id"]: im["file_name"] for im in raw["images"]}
+    bad = {a["category_id"] for a in raw["annotations"]} - set(label_of)
+    if bad:
+        raise ValueError(f"COCO annotation file {path}: category ids {sorted(bad)[:5]} are not in 'categories'")
     targets: dict[int, set[int]] = {}  # insertion order = order of first annotation, as pycocotools' imgToAnns
     for ann in raw["annotations"]:
         targets.setdefault(ann["image_id"], set()).add(label_of[ann["category_id"]])
