@@ -7,6 +7,7 @@ synthetic world (`common/data/synthetic/`), so both go through one code path.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -113,10 +114,10 @@ def build_dataset(name: str, data_root: str | Path) -> Dataset:
     """Build dataset `name` from `<data_root>/<its folder>`."""
     root = dataset_dir(name, data_root)
     if not root.is_dir():
+        layout = inspect.getdoc(_BUILDERS[name]) or "(see common/data/real/README.md)"
         raise FileNotFoundError(
-            f"dataset {name!r}: folder {root} does not exist. Put the dataset there in the layout its loader "
-            f"documents (python -c 'import common.data as d; help(d.registry._BUILDERS[\"{name}\"])'), or use the "
-            f"embedded profile (`make repro` writes data/embedded/).")
+            f"dataset {name!r}: folder {root} does not exist. Expected layout:\n{layout}\n"
+            f"Or use the embedded profile (`make repro` writes data/embedded/).")
     ds = _BUILDERS[name](root)
     ds.root = root
     return ds

@@ -92,9 +92,14 @@ def fewshot_split(dataset: Dataset, shots: int, seed: int, cache_dir: str | Path
     the same shots."""
     cache_dir = Path(cache_dir) if cache_dir is not None else (Path(dataset.root) / "split_fewshot" if dataset.root else None)
     path = cache_dir / f"shot_{shots}-seed_{seed}.json" if cache_dir else None
+    base = Path(dataset.root) if dataset.root else None
+
+    def rel(p: str) -> str:  # paths relative to the dataset folder, so a moved data root keeps its shots
+        return str(Path(p).relative_to(base)) if base is not None and Path(p).is_relative_to(base) else p
+
     if path is not None and path.is_file():
         raw = json.loads(path.read_text())
-        index = {d.impath: d for d in dataset.train + dataset.val}
+        index = {rel(d.impath): d for d in dataset.train + dataset.val}
         try:
             train = [index[p] for p in raw["train"]]
             val = [index[p] for p in raw["val"]]
@@ -107,13 +112,18 @@ def fewshot_split(dataset: Dataset, shots: int, seed: int, cache_dir: str | Path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"train": [d.impath for d in train], "val": [d.impath for d in val]}))
+            tmp.write_text(json.dumps({"train": [rel(d.impath) for d in train], "val": [rel(d.impath) for d in val]}))
             tmp.replace(path)
     return replace(dataset, train=train, val=val)
 
 
+# Per-class lists in Dataset.meta that must follow a class subset.
+PER_CLASS_META = ("wnids", "imagenet_indices")
+
+
 def subsample_classes(dataset: Dataset, subsample: str = "all") -> Dataset:
-    """CoCoOp's base/novel split: base = first ceil(K/2) classes, new = the rest (relabelled from 0)."""
+    """CoCoOp's base/novel split: base = first ceil(K/2) classes, new = the rest (relabelled from 0).
+    `meta["class_subset"]` records the kept original class indices; per-class meta lists are sliced."""
     if subsample not in ("all", "base", "new"):
         raise ValueError(f"subsample must be all|base|new, got {subsample!r}")
     if subsample == "all":
@@ -126,5 +136,10 @@ def subsample_classes(dataset: Dataset, subsample: str = "all") -> Dataset:
     def pick(items: list[Datum]) -> list[Datum]:
         return [replace(d, label=relabel[d.label]) for d in items if d.label in relabel]
 
+    meta = dict(dataset.meta)
+    for key in PER_CLASS_META:
+        if key in meta:
+            meta[key] = [meta[key][i] for i in keep]
+    meta["class_subset"] = keep
     return replace(dataset, name=f"{dataset.name}[{subsample}]", classnames=[dataset.classnames[i] for i in keep],
-                   train=pick(dataset.train), val=pick(dataset.val), test=pick(dataset.test))
+                   train=pick(dataset.train), val=pick(dataset.val), test=pick(dataset.test), meta=meta)

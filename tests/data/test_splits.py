@@ -58,3 +58,17 @@ def test_corrupt_image_names_its_path(tmp_path):
     bad.write_bytes(b"\x89PNG garbage")
     with pytest.raises(CorruptImageError, match="bad.png"):
         load_image(bad)
+
+
+def test_fewshot_file_survives_a_moved_data_root(tmp_path):
+    import shutil
+    write_toy(tmp_path / "a")
+    shots = fewshot_split(build_dataset("toy", tmp_path / "a"), 2, seed=3).train
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    moved = fewshot_split(build_dataset("toy", tmp_path / "b"), 2, seed=3).train
+    assert [d.impath.replace("/b/", "/a/") for d in moved] == [d.impath for d in shots]
+
+
+def test_subsample_records_class_subset(toy):
+    new = subsample_classes(toy, "new")
+    assert new.meta["class_subset"] == [2, 3] and "class_subset" not in toy.meta
