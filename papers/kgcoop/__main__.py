@@ -1,0 +1,86 @@
+"""KgCoOp: `python -m papers.kgcoop {train,eval,reproduce}`.
+
+Methods in the run records: `kgcoop` (the paper) and `coop` variant `ctxv1` (the same prompt learner with
+weight 0, i.e. CoOp with 4 context vectors initialised from "a photo of a": the paper's CoOp baseline run on
+the same shots, seeds and schedule).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from common.cli import run_cli
+from common.engine.protocols import Task, run_base2novel, run_fewshot, run_transfer
+from papers.coop.method import evaluate
+
+from .method import train_kgcoop
+
+SLUG = "kgcoop"
+CONFIG = Path(__file__).with_name("config.yaml")
+BASELINE = ("coop", "ctxv1")
+
+
+def fit(task: Task, weight: float | None = None):
+    return train_kgcoop(task, task.cfg, weight)
+
+
+def _methods(cfg: dict) -> list[tuple[str, str, float]]:
+    out = [(SLUG, "", cfg["weight"])]
+    if cfg["run_baseline"]:
+        out.append((*BASELINE, 0.0))
+    return out
+
+
+def base2novel(cfg: dict) -> list[dict]:
+    """base-to-novel generalisation (train on base classes, test base and novel): KgCoOp and the CoOp baseline"""
+    recs = []
+    for method, variant, w in _methods(cfg):
+        recs += run_base2novel(cfg, SLUG, method, partial(fit, weight=w), evaluate, variant=variant,
+                               shots=cfg["b2n_shots"])
+    return recs
+
+
+def fewshot(cfg: dict) -> list[dict]:
+    """few-shot classification on all classes (the official script: 4 shots)"""
+    recs = []
+    cfg = {**cfg, "batch_size": cfg["fewshot_batch_size"]}
+    for method, variant, w in _methods(cfg):
+        recs += run_fewshot(cfg, SLUG, method, lambda t, w=w: evaluate(fit(t, w), t), variant=variant,
+                            shots=cfg["fewshot_shots"])
+    return recs
+
+
+def domain_generalization(cfg: dict) -> list[dict]:
+    """train on the source (ImageNet / emb_objects, all classes), test on its shifted variants"""
+    recs = []
+    for method, variant, w in _methods(cfg):
+        recs += run_transfer(cfg, SLUG, method, "domain_generalization", partial(fit, weight=w), evaluate,
+                             cfg["dg_source"], cfg["dg_targets"], variant=variant, shots=cfg["dg_shots"])
+    return recs
+
+
+def train(cfg: dict) -> list[dict]:
+    """the paper's main protocol, base-to-novel (trains and writes records; finished runs are skipped)"""
+    return base2novel(cfg)
+
+
+def evaluate_cmd(cfg: dict) -> list[dict]:
+    """same as train: each run is evaluated as soon as it is trained (finished runs are skipped)"""
+    return base2novel(cfg)
+
+
+def reproduce(cfg: dict) -> None:
+    """every protocol of the paper: base-to-novel, few-shot and domain generalisation, with the CoOp baseline"""
+    base2novel(cfg)
+    fewshot(cfg)
+    domain_generalization(cfg)
+
+
+def main(argv=None):
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce},
+                   "KgCoOp (Yao et al., CVPR 2023): CoOp + a knowledge-guided regulariser towards the "
+                   "hand-crafted prompt's class embeddings.", argv)
+
+
+if __name__ == "__main__":
+    main()
