@@ -211,6 +211,8 @@ class Expression:
                 out.append(it.value)
             elif isinstance(it, ast.UnaryOp) and isinstance(it.op, ast.USub) and isinstance(it.operand, ast.Constant):
                 out.append(-it.operand.value)
+            elif isinstance(it, ast.BinOp):
+                raise self._err(it, f"filter {key}= : quote names containing - or /, e.g. {key}='{self._src(it)}'")
             else:
                 raise self._err(it, f"filter {key}= takes a name, a number, null or a list of those")
         if not out:

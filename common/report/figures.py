@@ -19,6 +19,11 @@ STYLE = {"font.size": 8, "axes.titlesize": 9, "legend.fontsize": 7, "figure.dpi"
          "svg.hashsalt": "vlm-transfer", "path.simplify": False}
 
 
+def _err(stds: list) -> list | None:
+    """Error bars only where some value has a seed std (zero-shot runs have none)."""
+    return None if all(s is None for s in stds) else [s or 0.0 for s in stds]
+
+
 def save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, metadata={"Software": None}, format="png")
@@ -63,7 +68,7 @@ def fewshot_figure(fewshot: Sequence[Group], zeroshot: Sequence[Group], metric: 
                     pts = [by_shot[k].stat(panel, metric)[:2] for k in ks]
                 if not ks:
                     continue
-                ax.errorbar(ks, [p[0] for p in pts], yerr=[p[1] or 0.0 for p in pts], marker="o", ms=3,
+                ax.errorbar(ks, [p[0] for p in pts], yerr=_err([p[1] for p in pts]), marker="o", ms=3,
                             lw=1.2, capsize=2, color=colors[i % 10], label=_label(*name))
             for j, g in enumerate(sorted(zs, key=lambda g: (g.key.method, g.key.variant))):
                 ds = common if panel == "Average" else [panel]
@@ -129,7 +134,7 @@ def curve_figure(curves: dict[str, list[tuple]], refs: dict[str, float], title: 
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.0, 3.6))
         for i, (label, pts) in enumerate(sorted(curves.items())):
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], marker="o",
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=_err([p[2] for p in pts]), marker="o",
                         ms=3, lw=1.2, capsize=2, color=colors[i % 10], label=label)
         for j, (label, y) in enumerate(sorted(refs.items())):
             ax.axhline(y, ls="--", lw=1.0, color=colors[(len(curves) + j) % 10], label=label)
@@ -157,7 +162,7 @@ def grouped_bars(series: list[str], categories: list[str], values: list[list[flo
         for i, name in enumerate(series):
             xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(categories))]
             pts = [(x, v, e) for x, v, e in zip(xs, values[i], errors[i]) if v is not None]
-            ax.bar([p[0] for p in pts], [p[1] for p in pts], width, yerr=[p[2] or 0.0 for p in pts],
+            ax.bar([p[0] for p in pts], [p[1] for p in pts], width, yerr=_err([p[2] for p in pts]),
                    capsize=2, color=colors[i % 10], label=name)
         ax.set_xticks(range(len(categories)))
         ax.set_xticklabels(categories, rotation=15 if len(categories) > 3 else 0,

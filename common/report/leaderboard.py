@@ -3,7 +3,7 @@
 Fairness rule: within one table every method is averaged over the same cells, the (dataset, shots, seed)
 cells that all listed methods ran (seed is ignored for runs without training data, shots = null, whose
 single seed is arbitrary). So that one incomplete run does not shrink everybody's grid, the grid is the
-set of cells at least half of the methods ran, and a method missing part of it is listed under the table
+set of cells more than half of the methods ran, and a method missing part of it is listed under the table
 (with what it lacks) instead of in it.
 
 Also written: ``leaderboard.json`` (flat ``protocol/backbone/method/column -> value``, for ``dvc metrics``),
@@ -46,36 +46,55 @@ class Entry:
             (f"-k{self.shots}" if self.shots is not None else "")
 
 
-def _cells(records: Sequence[dict], protocol: str, metric: str) -> dict[Entry, dict[tuple, dict]]:
-    """Entry -> {(dataset, shots, seed|None): metrics}. Seed is None for runs without training shots."""
-    out: dict[Entry, dict[tuple, dict]] = {}
+@dataclass
+class Runs:
+    """One entry's runs: (dataset, shots column) -> {seed: [metrics]}. ``seeded`` is False for runs without
+    training shots, whose seed is arbitrary: they match any seed of the grid."""
+    cells: dict[tuple, dict[Any, list]]
+    seeded: bool
+
+
+def _cells(records: Sequence[dict], protocol: str, metric: str) -> dict[Entry, Runs]:
+    out: dict[Entry, Runs] = {}
     for r in records:
         if metric_of(r["metrics"], metric) is None:
             continue
         src = field_value(r, "source") if protocol in TRANSFER else ""
         shots = r.get("shots")
         e = Entry(r["method"], field_value(r, "variant"), src, None if protocol == "fewshot" else shots)
-        cell = (r["dataset"], shots, None if shots is None else int(r["seed"]))
-        out.setdefault(e, {}).setdefault(cell, []).append(r["metrics"])
-    # runs without a seed in the cell key may have several seeds: keep them all under one cell
+        runs = out.setdefault(e, Runs({}, shots is not None))
+        col = shots if protocol == "fewshot" else None
+        runs.cells.setdefault((r["dataset"], col), {}).setdefault(int(r["seed"]), []).append(r["metrics"])
     return out
 
 
-def shared_grid(coverage: dict[Entry, set]) -> tuple[list[Entry], set, dict[Entry, list]]:
+def coverage(entries: dict[Entry, Runs]) -> dict[Entry, set]:
+    """Cells (dataset, shots column, seed) each entry covers; unseeded entries cover every seed run there."""
+    seeds: dict[tuple, set] = {}
+    for runs in entries.values():
+        if runs.seeded:
+            for dk, by_seed in runs.cells.items():
+                seeds.setdefault(dk, set()).update(by_seed)
+    cov = {}
+    for e, runs in entries.items():
+        cov[e] = {(d, k, s) for (d, k), by_seed in runs.cells.items()
+                  for s in (by_seed if runs.seeded else (seeds.get((d, k)) or {None}))}
+    return cov
+
+
+def shared_grid(cov: dict[Entry, set]) -> tuple[list[Entry], set, dict[Entry, list]]:
     """Listed entries, their common cells, and the excluded entries with the cells they lack."""
-    if not coverage:
+    if not cov:
         return [], set(), {}
-    need = math.ceil(len(coverage) / 2)
+    need = len(cov) // 2 + 1  # strict majority: with two methods the grid is their intersection
     counts: dict[tuple, int] = {}
-    for cov in coverage.values():
-        for c in cov:
+    for cells in cov.values():
+        for c in cells:
             counts[c] = counts.get(c, 0) + 1
     majority = {c for c, n in counts.items() if n >= need}
-    listed = [e for e in sorted(coverage) if majority <= coverage[e]]
-    if not listed:
-        listed = sorted(coverage)
-    grid = set.intersection(*(coverage[e] for e in listed))
-    excluded = {e: sorted(grid - coverage[e], key=_cell_key) for e in sorted(coverage) if e not in listed}
+    listed = [e for e in sorted(cov) if majority <= cov[e]] or sorted(cov)
+    grid = set.intersection(*(cov[e] for e in listed))
+    excluded = {e: sorted(grid - cov[e], key=_cell_key) for e in sorted(cov) if e not in listed}
     return listed, grid, excluded
 
 
@@ -83,27 +102,28 @@ def _cell_key(c: tuple) -> tuple:
     return (c[0], _shot_key(c[1]), -1 if c[2] is None else c[2])
 
 
-def _avg(cells: dict[tuple, list], grid: set, metric: str, shots: Any = "all") -> tuple[float, float | None]:
-    """Seed-first, then dataset average over the grid cells (optionally at one shot count); std over seeds
+def _avg(runs: Runs, grid: set, metric: str, col: Any = "all") -> tuple[float, float | None]:
+    """Seed-first, then dataset average over the grid cells (optionally one shots column); std over seeds
     of the per-seed dataset averages when every dataset has the same seeds."""
-    chosen = sorted((c for c in grid if shots == "all" or c[1] == shots), key=_cell_key)
-    by_ds: dict[tuple, list] = {}
-    for c in chosen:
-        by_ds.setdefault((c[0], c[1]), []).extend(cells[c])
-    per_ds = list(by_ds.values())
+    chosen = [c for c in grid if col == "all" or c[1] == col]
+    seeds_at: dict[tuple, set] = {}
+    for d, k, s in chosen:
+        seeds_at.setdefault((d, k), set()).add(s)
+    per_ds = []
+    for dk in sorted(seeds_at, key=lambda x: (x[0], _shot_key(x[1]))):
+        by_seed = runs.cells[dk]
+        use = sorted(seeds_at[dk]) if runs.seeded else sorted(by_seed)
+        per_ds.append([m for s in use for m in by_seed[s]])
     if metric == "hm" and all("base" in m and "novel" in m for ms in per_ds for m in ms):
         mean = harmonic(math.fsum(aggregate(ms, "base") for ms in per_ds) / len(per_ds),
                         math.fsum(aggregate(ms, "novel") for ms in per_ds) / len(per_ds))
     else:
         mean = math.fsum(aggregate(ms, metric) for ms in per_ds) / len(per_ds)
-    seedsets = {tuple(sorted(c[2] for c in chosen if (c[0], c[1]) == k)) for k in by_ds}
     std = None
-    if len(seedsets) == 1 and None not in next(iter(seedsets)) and len(next(iter(seedsets))) >= 2:
-        per_seed = []
-        for s in next(iter(seedsets)):
-            sub = {c for c in chosen if c[2] == s}
-            per_seed.append(_avg(cells, sub, metric)[0])
-        std = seed_std(per_seed)
+    seedsets = {frozenset(v) for v in seeds_at.values()}
+    if runs.seeded and len(seedsets) == 1 and len(next(iter(seedsets))) >= 2:
+        std = seed_std([_avg(runs, {c for c in chosen if c[2] == s}, metric)[0]
+                        for s in sorted(next(iter(seedsets)))])
     return mean, std
 
 
@@ -157,17 +177,21 @@ class Leaderboard:
     def _section(self, proto: str, bb: str, metric: str, recs: list[dict]) -> list[str]:
         if proto == "base2novel":
             cells = _cells(recs, proto, "base")
-            cells = {e: {c: v for c, v in cs.items() if all("novel" in m for m in v)} for e, cs in cells.items()}
+            for runs in cells.values():
+                runs.cells = {dk: {s: ms for s, ms in by_seed.items() if all("novel" in m for m in ms)}
+                              for dk, by_seed in runs.cells.items()}
+                runs.cells = {dk: v for dk, v in runs.cells.items() if v}
         else:
             cells = _cells(recs, proto, metric)
-        cells = {e: c for e, c in cells.items() if c}
+        cells = {e: c for e, c in cells.items() if c.cells}
         if not cells:
             return []
-        listed, grid, excluded = shared_grid({e: set(c) for e, c in cells.items()})
+        cov = coverage(cells)
+        listed, grid, excluded = shared_grid(cov)
         title = f"## {proto} · {bb}"
         if not grid:
             return ["", title, "", "No cell is shared by the methods that ran: "
-                    + "; ".join(f"{e.label()} ran {_describe(set(cells[e]))}" for e in sorted(cells))]
+                    + "; ".join(f"{e.label()} ran {_describe(cov[e])}" for e in sorted(cells))]
         if proto == "fewshot":
             header, rows = self._fewshot(bb, metric, listed, grid, cells, recs)
         elif proto == "base2novel":
@@ -205,7 +229,7 @@ class Leaderboard:
         refs = {}
         zrecs = [r for r in self.records if r["protocol"] == "zeroshot" and r["backbone"] == bb]
         for e, zc in sorted(_cells(zrecs, "zeroshot", metric).items()):
-            zgrid = {c for c in zc if c[0] in datasets}
+            zgrid = {(d, k, s) for (d, k), by_seed in zc.cells.items() if d in datasets for s in by_seed}
             if {c[0] for c in zgrid} != set(datasets):
                 continue
             m, s = _avg(zc, zgrid, metric)
@@ -213,7 +237,7 @@ class Leaderboard:
             self.fewshot_rows.append({"backbone": bb, "method": e.label() + " zero-shot", "shots": 0,
                                       metric: round(m, 4), "std": "" if s is None else round(s, 4)})
             refs[e.label() + " zero-shot"] = m
-            rows.append((None, [e.label() + " (zero-shot)", fmt_pm(m, s)] + ["—"] * len(shots)))
+            rows.append((None, [e.label() + ", zero-shot", fmt_pm(m, s)] + ["—"] * len(shots)))
         if not refs:  # no zero-shot run to show: drop the k=0 column
             header = [header[0]] + header[2:]
             rows = [(r[0], [r[1][0]] + r[1][2:]) for r in rows]
@@ -240,7 +264,7 @@ class Leaderboard:
         tgt_cells = grid - src_cells
         targets = sorted({c[0] for c in tgt_cells})
         show = targets if len(targets) <= MAX_DATASET_COLUMNS else []
-        header = ["method", "source"] + show + ["target avg"]
+        header = ["method", f"source ({sources[0]})" if len(sources) == 1 else "source"] + show + ["target avg"]
         rows, vals = [], []
         for e in listed:
             src = _avg(cells[e], {c for c in src_cells if c[0] == e.source}, metric) \

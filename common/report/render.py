@@ -7,7 +7,7 @@ from typing import Sequence
 from common.engine.runs import load_records
 
 from . import figures
-from .records import PROFILES, norm, stand_in
+from .records import PROFILES, PROTOCOLS, norm
 from .schema import Paper, Reported, load_paper
 from .tables import (TRANSFER, Group, fmt, fmt_pm, group_records, md_table, method_rank, metric_title,
                      metrics_for, render_table, series_table)
@@ -144,7 +144,7 @@ class Report:
                "zero-shot runs are deterministic and have one seed. `k` = shots per class."]
         srcs = sorted({(r["method"], r["paper"]) for r in recs})
         out += ["Runs used: " + "; ".join(f"{m} from `papers/{p}`" for m, p in srcs) + "."]
-        for proto in self.protocols:
+        for proto in sorted(self.protocols, key=_proto_rank):
             for bb in backbones_for(self.paper, [r for r in recs if r["protocol"] == proto], profile):
                 groups = self._groups(profile, proto, bb)
                 if not groups:
@@ -223,7 +223,8 @@ class Report:
         slug = self.paper.slug
         cmd = f"python -m papers.{slug} reproduce --profile real --set data_root=/path/to/DATA"
         if not has_real:
-            datasets = sorted({r.dataset for r in self.paper.reported}) or ["the paper's datasets"]
+            datasets = sorted({r.dataset for r in self.paper.reported if norm(r.dataset) not in AGGREGATE_ROWS}) \
+                or ["the paper's datasets"]
             bbs = sorted({r.backbone for r in self.paper.reported}) or [self.paper.backbone or "the paper's backbone"]
             return "\n".join([
                 "## Real profile", "",
@@ -278,6 +279,13 @@ class Report:
                           "Real profile (GPU, real datasets and weights):", "", "```",
                           *[e.replace("--profile embedded", "--profile real --set data_root=/path/to/DATA")
                             for e in emb], f"python -m common.report {self.paper.slug}", "```"])
+
+
+AGGREGATE_ROWS = {"average", "avg", "mean"}
+
+
+def _proto_rank(p: str) -> tuple:
+    return (PROTOCOLS.index(p) if p in PROTOCOLS else len(PROTOCOLS), p)
 
 
 def _num(x) -> str:

@@ -185,7 +185,9 @@ def parse_paper(data: Any, where: str = "paper.yaml", folder: str | None = None,
         fail(f"year must be an integer year, got {year!r}")
     arxiv = data["arxiv"]
     if arxiv is not None:
-        arxiv = str(arxiv)
+        if not isinstance(arxiv, str):
+            fail(f"arxiv {arxiv!r} must be a quoted string like \"2109.01134\" (unquoted, YAML reads a number "
+                 f"and drops trailing zeros)")
         if not re.fullmatch(r"\d{4}\.\d{4,5}(v\d+)?", arxiv):
             fail(f"arxiv '{arxiv}' is not an arXiv id like \"2109.01134\" (quote it in YAML)")
     repo = data["official_repo"]

@@ -1,0 +1,76 @@
+"""Leaderboard: the shared grid, hand-computed averages, DVC metrics/plots files, determinism."""
+import csv
+import json
+
+import pytest
+
+from common.engine.runs import load_records
+from common.report.leaderboard import Leaderboard, write_leaderboard
+from common.report.records import harmonic
+from tests.report.builders import DATASETS, rec, world
+
+
+def build(root):
+    lb = Leaderboard(load_records(root))
+    return lb.build(), lb.metrics
+
+
+def test_averages_on_the_shared_grid(tmp_path):
+    world(tmp_path)
+    text, m = build(tmp_path)
+    assert m["fewshot/tiny-rn/linear_probe/k1"] == 30.0 and m["fewshot/tiny-rn/linear_probe/k16"] == 58.0
+    assert m["fewshot/tiny-rn/coop-m16/k16"] == 63.0
+    assert m["fewshot/tiny-rn/zeroshot_clip-single/k0"] == 50.0            # zero-shot reference, same datasets
+    assert m["base2novel/tiny-rn/cocoop-k16/hm"] == pytest.approx(harmonic(78.0, 50.0), abs=1e-4)
+    assert m["domain_generalization/tiny-rn/linear_probe-k16/source"] == 52.0
+    assert m["domain_generalization/tiny-rn/linear_probe-k16/target_avg"] == 34.0
+    assert m["domain_generalization/tiny-rn/zeroshot_clip-single/target_avg"] == 32.5   # seed-0 run joins the grid
+    assert m["zeroshot/tiny-rn/zeroshot_clip-ensemble/avg"] == 52.0
+    assert "Shared grid: datasets emb_objects, emb_scenes, emb_textures; shots 1, 2, 4, 8, 16; seeds 1, 2, 3." in text
+    assert "| coop (m16) | — | 35.00 ± 1.00 |" in text
+    # rows sorted by the last column: coop above linear_probe
+    assert text.index("| coop (m16) |") < text.index("| linear_probe |")
+    assert "Absolute numbers are not comparable with the paper" in text
+
+
+def test_incomplete_method_is_listed_apart_not_shrinking_the_grid(tmp_path):
+    world(tmp_path)
+    rec(tmp_path, "tip_adapter", DATASETS[0], {"top1": 99.0}, shots=16, seed=1)
+    text, m = build(tmp_path)
+    assert "fewshot/tiny-rn/tip_adapter/k16" not in m
+    assert m["fewshot/tiny-rn/linear_probe/k1"] == 30.0
+    assert "Not listed: tip_adapter (lacks emb_objects k=1 seed 1, emb_objects k=1 seed 2, emb_objects k=1 seed 3 and 41 more)." in text
+
+
+def test_two_methods_share_their_common_seeds(tmp_path):
+    for ds in ("a", "b"):
+        for s in (1, 2, 3):
+            rec(tmp_path, "m1", ds, {"top1": 10.0 * s}, shots=16, seed=s)
+            if s < 3:
+                rec(tmp_path, "m2", ds, {"top1": 5.0 * s}, shots=16, seed=s)
+    text, m = build(tmp_path)
+    assert m["fewshot/tiny-rn/m1/k16"] == 15.0          # seeds 1, 2 only: (10 + 20) / 2
+    assert m["fewshot/tiny-rn/m2/k16"] == 7.5
+    assert "seeds 1, 2." in text and "Not listed" not in text
+
+
+def test_files_for_dvc_and_determinism(tmp_path):
+    runs = world(tmp_path / "runs")
+    p1 = write_leaderboard(runs, tmp_path / "a")
+    write_leaderboard(runs, tmp_path / "b")
+    for name in ("leaderboard.md", "leaderboard.json", "plots/fewshot.csv", "leaderboard_fewshot_tiny-rn.png",
+                 "leaderboard_base2novel_tiny-rn.png", "leaderboard_domain_generalization_tiny-rn.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    metrics = json.loads(p1["json"].read_text())
+    assert all(isinstance(v, float) for v in metrics.values()) and list(metrics) == sorted(metrics)
+    rows = list(csv.DictReader(p1["csv"].open()))
+    assert rows[0].keys() == {"backbone", "method", "shots", "top1", "std"}
+    lp = [(int(r["shots"]), float(r["top1"])) for r in rows if r["method"] == "linear_probe"]
+    assert lp == [(1, 30.0), (2, 34.0), (4, 38.0), (8, 42.0), (16, 58.0)]
+    assert "![leaderboard_fewshot_tiny-rn](leaderboard_fewshot_tiny-rn.png)" in p1["md"].read_text()
+
+
+def test_no_runs(tmp_path):
+    paths = write_leaderboard(tmp_path / "runs", tmp_path / "out")
+    assert "No embedded-profile run records yet." in paths["md"].read_text()
+    assert json.loads(paths["json"].read_text()) == {}

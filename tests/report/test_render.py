@@ -1,0 +1,96 @@
+"""REPORT.md rendering and the CLI: content, honesty markers, figures only where data exists, determinism."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.report.__main__ import main
+from common.report.render import write_report
+from tests.report.builders import rec, world
+
+REPO = Path(__file__).resolve().parents[2]
+PAPERS = REPO / "papers"
+
+
+def files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_report_content_and_byte_determinism(tmp_path):
+    runs = world(tmp_path / "runs")
+    path = write_report("zeroshot_clip", PAPERS, runs, tmp_path / "a")
+    write_report("zeroshot_clip", PAPERS, runs, tmp_path / "b")
+    a, b = files(path.parent), files(tmp_path / "b" / "zeroshot_clip")
+    assert a == b                                          # same runs -> identical bytes, figures included
+    text = a["REPORT.md"].decode()
+    for needle in ["# zeroshot_clip: replication report", "[2103.00020](https://arxiv.org/abs/2103.00020)",
+                   "[openai/CLIP](https://github.com/openai/CLIP)", "Absolute numbers are not comparable with the paper",
+                   "claims are judged on relative differences", "58.18 †", "| Tip-Adapter Table 2 |",
+                   "Embedded profile: 4 reproduced, 0 not reproduced, 0 not testable, of 4 claims.",
+                   "### fewshot · tiny-rn · top-1 accuracy (%)", "| linear_probe | 16 | 48.00 ± 1.00 |",
+                   "Decided by: 7.50 < 18.00 → true", "## Real profile", "Not run here",
+                   "python -m papers.zeroshot_clip reproduce --profile real --set data_root=/path/to/DATA",
+                   "python -m papers.linear_probe reproduce --profile embedded",
+                   "## Deviations from the official code", "- **real**: not run here."]:
+        assert needle in text, needle
+    pngs = sorted(n for n in a if n.endswith(".png"))
+    assert pngs == ["fig_embedded_base2novel_tiny-rn.png", "fig_embedded_domain_generalization_tiny-rn.png",
+                    "fig_embedded_fewshot_tiny-rn.png"]
+    assert all(f"]({n})" in text for n in pngs)
+    for n in pngs:
+        assert a[n][:8] == b"\x89PNG\r\n\x1a\n" and b"Software" not in a[n] and b"Creation" not in a[n]
+    assert str(tmp_path) not in text
+
+
+def test_figures_only_for_existing_data_and_stale_ones_removed(tmp_path):
+    runs = tmp_path / "runs"
+    rec(runs, "zeroshot_clip", "d", {"top1": 50.0}, protocol="zeroshot", variant="single", seed=0)
+    out = tmp_path / "out" / "zeroshot_clip"
+    out.mkdir(parents=True)
+    (out / "fig_embedded_fewshot_tiny-rn.png").write_bytes(b"stale")
+    text = write_report("zeroshot_clip", PAPERS, runs, tmp_path / "out").read_text()
+    assert not list(out.glob("*.png")) and "![" not in text
+    assert "mixes several" not in text and "– not testable" in text
+    assert "not testable: no embedded-profile runs of protocol fewshot." in text   # the claims say why
+
+
+def test_real_profile_numbers_beside_the_paper(tmp_path):
+    papers = tmp_path / "papers"
+    (papers / "demo").mkdir(parents=True)
+    (papers / "demo" / "paper.yaml").write_text(yaml.safe_dump({
+        "slug": "demo", "title": "Demo", "authors": ["A"], "venue": "V", "year": 2022, "arxiv": None,
+        "official_repo": None, "backbone": "RN50",
+        "reported": [{"protocol": "fewshot", "method": "linear_probe", "backbone": "RN50", "shots": 16,
+                      "metric": "top1", "table": "Table 9", "values": {"EMB-Objects": 50.0, "Nowhere": 1.0}}],
+        "claims": [{"id": "lp", "text": "t", "protocol": "fewshot",
+                    "check": "mean(top1, method=linear_probe, shots=16) > mean(top1, method=linear_probe, shots=1)"}],
+        "deviations": [{"what": "smaller batch", "why": "memory"}]}))
+    runs = world(tmp_path / "runs", profile="real", backbone="RN50")
+    world(runs)                                                       # and the embedded runs
+    text = write_report("demo", papers, runs).read_text()             # default out: next to paper.yaml
+    assert (papers / "demo" / "REPORT.md").exists()
+    assert "| linear_probe | RN50 | 16 | EMB-Objects | top1 | 50.00 | 48.00 ± 1.00 (3) | -2.00 |" in text
+    assert "1 of 2 paper numbers have a matching real run; 1 do not" in text
+    assert "| [lp](#claim-lp) | t | ✔ reproduced | ✔ reproduced |" in text
+    assert "- **real**: ✔ reproduced on 3 dataset(s)" in text
+    assert "- smaller batch *Why*: memory" in text
+    assert (papers / "demo" / "fig_real_fewshot_RN50.png").exists()
+
+
+def test_cli(tmp_path, capsys):
+    runs = world(tmp_path / "runs")
+    out = tmp_path / "out"
+    assert main(["--all", "--papers", str(PAPERS), "--runs", str(runs), "--out", str(out)]) == 0
+    made = sorted(p.parent.name for p in out.glob("*/REPORT.md"))
+    assert {"linear_probe", "zeroshot_clip"} <= set(made)
+    assert main(["nope", "--papers", str(PAPERS), "--runs", str(runs), "--out", str(out)]) == 2
+    assert "papers with a paper.yaml:" in capsys.readouterr().err
+    bad = tmp_path / "papers" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "paper.yaml").write_text("slug: bad\ntitle: x\n")
+    assert main(["bad", "--papers", str(tmp_path / "papers"), "--runs", str(runs), "--out", str(out)]) == 2
+    assert "missing key(s)" in capsys.readouterr().err
+    assert main(["--leaderboard", "--runs", str(runs), "--out", str(out / "reports")]) == 0
+    assert (out / "reports" / "leaderboard.md").exists()
+    with pytest.raises(SystemExit):
+        main([])
