@@ -81,3 +81,80 @@ def mean_iou(pred, target, num_classes: int, ignore_index: int | None = None) ->
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = inter / union
     return float(np.nanmean(iou) * 100)
+
+
+# ------------------------------------------------------------------------------------------ hierarchical
+# Taxonomic open-set metrics (ProTeCt, gina9726/ProTeCt `metrics.py`, `engine.py`, `test.py`). A taxonomy is
+# given over the *scored* nodes (every node but the root, one column of `scores` each): `parent[j]` is the
+# column of node j's parent, or -1 when j is a child of the root (the root is never a label); `leaf_nodes[k]`
+# is the column of leaf class k (the dataset label k).
+
+
+def _path_children(parent, leaf_nodes) -> dict[int, np.ndarray]:
+    """{internal node (-1 = root): (K,) the child on leaf k's root-to-leaf path, or -1 if off the path}."""
+    parent, leaf_nodes = np.asarray(parent, dtype=np.int64), np.asarray(leaf_nodes, dtype=np.int64)
+    n = len(parent)
+    if ((parent < -1) | (parent >= n)).any():
+        raise ValueError(f"parent indices must lie in [-1, {n - 1}]")
+    if ((leaf_nodes < 0) | (leaf_nodes >= n)).any():
+        raise ValueError(f"leaf_nodes must index the {n} scored nodes")
+    if np.isin(leaf_nodes, parent).any():
+        raise ValueError("a leaf class node has children in `parent`: leaves must be leaves of the tree")
+    out = {int(p): np.full(len(leaf_nodes), -1, dtype=np.int64) for p in np.unique(parent)}
+    for k, node in enumerate(leaf_nodes):
+        for _ in range(n + 1):
+            up = int(parent[node])
+            out[up][k] = node
+            if up == -1:
+                break
+            node = up
+        else:
+            raise ValueError(f"`parent` has a cycle above leaf class {k}")
+    return out
+
+
+def leaf_accuracy(scores, labels, leaf_nodes=None) -> float:
+    """Leaf accuracy (%): top-1 over the leaf classes, i.e. argmax of scores[:, leaf_nodes] (of `scores`
+    itself when `leaf_nodes` is None) against the leaf labels."""
+    scores = _np(scores)
+    if leaf_nodes is not None:
+        scores = scores[:, np.asarray(leaf_nodes, dtype=np.int64)]
+    return accuracy(scores.argmax(axis=1), _np(labels))
+
+
+def hierarchical_consistent_accuracy(scores, labels, parent, leaf_nodes) -> float:
+    """HCA (%): an image counts as correct only if its leaf prediction (argmax over all leaf classes) is
+    right *and*, at every internal node on its ground-truth root-to-leaf path (the root included), the
+    argmax over that node's children is the child on the path. `scores` (N, n_nodes) over all scored nodes."""
+    scores, labels = _np(scores), _np(labels).astype(np.int64)
+    parent = np.asarray(parent, dtype=np.int64)
+    if scores.ndim != 2 or scores.shape[1] != len(parent):
+        raise ValueError(f"scores must be (N, {len(parent)}) over every scored node, got {scores.shape}")
+    if labels.size == 0:
+        raise ValueError("HCA of an empty set")
+    path = _path_children(parent, leaf_nodes)
+    correct = scores[:, np.asarray(leaf_nodes, dtype=np.int64)].argmax(axis=1) == labels
+    for node, on_path in path.items():
+        kids = np.flatnonzero(parent == node)
+        pred = kids[scores[:, kids].argmax(axis=1)]
+        truth = on_path[labels]
+        correct &= (truth < 0) | (pred == truth)
+    return float(correct.mean() * 100)
+
+
+def tree_cut_accuracy(scores, labels, cut_nodes, leaf_to_cut) -> float:
+    """Top-1 (%) on the label set of one tree cut: argmax over scores[:, cut_nodes] against the cut node
+    that contains the true leaf (`leaf_to_cut[k]` indexes `cut_nodes`)."""
+    scores, labels = _np(scores), _np(labels).astype(np.int64)
+    cut_nodes, leaf_to_cut = np.asarray(cut_nodes, dtype=np.int64), np.asarray(leaf_to_cut, dtype=np.int64)
+    if ((leaf_to_cut < 0) | (leaf_to_cut >= len(cut_nodes))).any():
+        raise ValueError(f"leaf_to_cut must index the {len(cut_nodes)} nodes of the cut")
+    return accuracy(scores[:, cut_nodes].argmax(axis=1), leaf_to_cut[labels])
+
+
+def mean_tree_cut_accuracy(scores, labels, cuts) -> float:
+    """MTA (%): mean of `tree_cut_accuracy` over a fixed list of cuts, each (cut_nodes, leaf_to_cut)."""
+    cuts = list(cuts)
+    if not cuts:
+        raise ValueError("MTA needs at least one tree cut")
+    return float(np.mean([tree_cut_accuracy(scores, labels, nodes, mapping) for nodes, mapping in cuts]))

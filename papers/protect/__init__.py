@@ -1,0 +1,1 @@
+"""ProTeCt: Prompt Tuning for Taxonomic Open Set Classification (Wu, Ho, Vasconcelos, CVPR 2024)."""
