@@ -5,18 +5,53 @@ Prompt of class k (class token "end"): [SOS] [V]_1 .. [V]_M [CLASS_k] . [EOS]. T
 shared by all classes (unified) or one per class (class-specific context, CSC). Initialised from a
 phrase ("a photo of a": M = its token count, context = its token embeddings) the prompts are exactly
 the tokenised "a photo of a {class}.", so CoOp starts at zero-shot CLIP.
+
+Training (`train_coop`) runs on cached frozen image features; the text encoder runs every step because
+the gradient reaches the context through it. `evaluate` encodes the K prompts once and scores cached
+test features; a learner moves to other class names (novel classes, shifted or other datasets) with
+`with_classnames`, as the official `load_model` drops the class-name buffers.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.clip import ClipBundle, PromptTextEncoder, tokenize
+from common.clip import ClipBundle, PromptTextEncoder, logit_scale, tokenize
+from common.engine import TrainConfig, Trainer, index_batches, items_digest
+from common.engine.protocols import Task, eval_classifier
 
 POSITIONS = ("end", "middle", "front")
+PROMPT_FILE = "prompt.pt"   # learned prompt kept in each run's checkpoint folder
+
+
+def encode_prompts(encoder: PromptTextEncoder, prompts: torch.Tensor, token_ids: torch.Tensor,
+                   chunk: int | None = None) -> torch.Tensor:
+    """Unnormalised text features of (n, L, d) prompt embeddings, equal to `encoder(prompts, token_ids)`.
+
+    CLIP's text transformer is causal and pools at the EOT token, so positions after the last EOT of the
+    batch never reach an output: they are dropped (exact; 2-4x cheaper for CoOp prompts, 77 -> ~20 tokens).
+    `chunk` bounds how many sequences are encoded at once (many classes, CoCoOp's B x K prompts)."""
+    n = prompts.shape[0]
+    if encoder.pool_type in ("argmax", "eos") and encoder.attn_mask is not None:
+        eot = token_ids.argmax(-1) if encoder.pool_type == "argmax" else (token_ids == encoder.eos_id).int().argmax(-1)
+        keep = int(eot.max()) + 1
+        # The encoder's own forward on a view of its parts cut to `keep` positions (one implementation).
+        enc = SimpleNamespace(transformer=encoder.transformer, positional_embedding=encoder.positional_embedding[:keep],
+                              attn_mask=encoder.attn_mask[:keep, :keep], ln_final=encoder.ln_final,
+                              text_projection=encoder.text_projection, pool_type=encoder.pool_type,
+                              eos_id=encoder.eos_id)
+        prompts, token_ids = prompts[:, :keep], token_ids[:, :keep]
+    else:
+        enc = encoder
+    chunk = chunk or n
+    outs = [PromptTextEncoder.forward(enc, prompts[i:i + chunk], token_ids[i:i + chunk]) for i in range(0, n, chunk)]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class PromptLearner(nn.Module):
@@ -28,6 +63,9 @@ class PromptLearner(nn.Module):
         if not classnames:
             raise ValueError("PromptLearner needs at least one class name")
         self.encoder = PromptTextEncoder(bundle.model)
+        self.bundle = bundle
+        self.init_kwargs = dict(n_ctx=n_ctx, ctx_init=ctx_init, csc=csc, class_token_position=class_token_position,
+                                init_std=init_std)
         names = [c.replace("_", " ") for c in classnames]
         embed = self.encoder.token_embedding
         with torch.no_grad():
@@ -53,40 +91,242 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_ids", token_ids, persistent=False)
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)         # SOS
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)  # CLASS . EOS pad
+        self.register_buffer("token_order", self._token_order(name_lens, token_ids.shape[1]), persistent=False)
         self.name_lens = name_lens
         self.classnames = list(names)
+
+    def _token_order(self, name_lens: list[int], length: int) -> torch.Tensor:
+        """(K, L) positions that turn the "end" layout [SOS][ctx][CLASS . EOS pad] into this position's layout:
+        middle = [SOS][ctx[:M/2]][CLASS][ctx[M/2:]][. EOS pad], front = [SOS][CLASS][ctx][. EOS pad]."""
+        M, h = self.n_ctx, self.n_ctx // 2
+        rows = []
+        for n in name_lens:
+            sos, ctx, cls = [0], list(range(1, 1 + M)), list(range(1 + M, 1 + M + n))
+            rest = list(range(1 + M + n, length))
+            order = {"end": sos + ctx + cls + rest, "middle": sos + ctx[:h] + cls + ctx[h:] + rest,
+                     "front": sos + cls + ctx + rest}[self.position]
+            rows.append(order)
+        return torch.tensor(rows, dtype=torch.long)
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def _assemble(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(*, K, L, d) prompts from per-class context (*, K, M, d)."""
+        lead = ctx.shape[:-3]
+        prefix = self.token_prefix.expand(*lead, -1, -1, -1)
+        suffix = self.token_suffix.expand(*lead, -1, -1, -1)
+        x = torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=-2)
+        if self.position == "end":
+            return x
+        order = self.token_order.view(*(1,) * len(lead), *self.token_order.shape, 1).expand(*x.shape)
+        return x.gather(-2, order)
 
     def construct_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
         """(K, L, d) prompt embeddings from context (M, d) or (K, M, d)."""
         K = self.num_classes
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(K, -1, -1)
-        prefix, suffix = self.token_prefix, self.token_suffix
-        if self.position == "end":
-            return torch.cat([prefix, ctx, suffix], dim=1)
-        half = self.n_ctx // 2
-        rows = []
-        for i, n in enumerate(self.name_lens):  # K rows: the class span differs per class
-            cls, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
-            if self.position == "middle":
-                rows.append(torch.cat([prefix[i:i + 1], ctx[i:i + 1, :half], cls, ctx[i:i + 1, half:], rest], dim=1))
-            else:
-                rows.append(torch.cat([prefix[i:i + 1], cls, ctx[i:i + 1], rest], dim=1))
-        return torch.cat(rows, dim=0)
+        return self._assemble(ctx)
+
+    def construct_prompts_batched(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(B, K, L, d) prompts from one context per image (B, M, d), shared by the K classes (CoCoOp)."""
+        B, M, d = ctx.shape
+        return self._assemble(ctx.unsqueeze(1).expand(B, self.num_classes, M, d))
 
     def forward(self) -> torch.Tensor:
         return self.construct_prompts(self.ctx)
 
-    def class_embeddings(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+    def class_embeddings(self, ctx: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
         """Normalised text features (K, D) of the prompts; gradients flow to the context."""
         prompts = self.construct_prompts(self.ctx if ctx is None else ctx)
-        return F.normalize(self.encoder(prompts, self.token_ids), dim=-1)
+        return F.normalize(encode_prompts(self.encoder, prompts, self.token_ids, chunk), dim=-1)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The learned tensors (context, and whatever a subclass trains); never CLIP's frozen weights."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def with_classnames(self, classnames: Sequence[str]) -> "PromptLearner":
+        """The same learned prompt for other class names (novel classes, shifted or other datasets).
+
+        A unified context transfers to any names; class-specific context (CSC) only to names it was
+        trained on (its rows are picked by name), as context is tied to its class (official issue #69)."""
+        names = [c.replace("_", " ") for c in classnames]
+        if names == self.classnames:
+            return self
+        state = self.trained_state()
+        if self.csc:
+            missing = [n for n in names if n not in self.classnames]
+            if missing:
+                raise ValueError(f"class-specific context cannot move to classes it was not trained on: "
+                                 f"{missing[:5]}; use unified context (csc=false) for novel or other-dataset classes")
+            state["ctx"] = state["ctx"][[self.classnames.index(n) for n in names]]
+        with torch.random.fork_rng():  # a fresh random init must not move the caller's RNG stream
+            new = type(self)(self.bundle, names, **self.init_kwargs)
+        new.load_state_dict(state, strict=False)
+        new.train(self.training)
+        return new
 
 
 def coop_logits(image_features: torch.Tensor, class_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """CLIP head: logit_scale * cos(image, class prompt)."""
     return logit_scale * F.normalize(image_features, dim=-1) @ class_embeddings.t()
+
+
+# --------------------------------------------------------------------------------------------- training
+
+# Official CoOp settings (configs/trainers/CoOp/rn50*.yaml, Dassl defaults); a config key overrides them.
+DEFAULTS: dict[str, Any] = {
+    "n_ctx": 16, "ctx_init": "", "csc": False, "class_token_position": "end", "batch_size": 32,
+    "epochs": None, "epochs_by_shots": {"1": 50, "2": 100, "4": 100, "8": 200, "16": 200}, "epochs_by_dataset": {},
+    "cache_views": 1, "eval_chunk": 1024,
+    "train": {"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1,
+              "warmup_lr": 1e-5, "warmup_type": "constant", "schedule": "cosine", "schedule_unit": "epoch"},
+}
+
+
+def option(cfg: dict, key: str) -> Any:
+    """`cfg[key]`, or CoOp's official value when the config does not set it."""
+    return cfg[key] if cfg.get(key) is not None else DEFAULTS[key]
+
+
+def variant_name(cfg: dict) -> str:
+    """Run-record variant of a CoOp setting: m{M}_{position}[_csc][_ctxv1] (ctxv1 = "a photo of a" init,
+    the official config suffix; another init phrase gives _init)."""
+    init = (option(cfg, "ctx_init") or "").replace("_", " ").strip()
+    m = 4 if init == "a photo of a" else (len(init.split()) if init else option(cfg, "n_ctx"))
+    name = f"m{m}_{option(cfg, 'class_token_position')}" + ("_csc" if option(cfg, "csc") else "")
+    return name + ("_ctxv1" if init == "a photo of a" else "_init" if init else "")
+
+
+def build_learner(bundle: ClipBundle, classnames: Sequence[str], cfg: dict) -> PromptLearner:
+    return PromptLearner(bundle, classnames, n_ctx=option(cfg, "n_ctx"), ctx_init=option(cfg, "ctx_init") or None,
+                         csc=bool(option(cfg, "csc")), class_token_position=option(cfg, "class_token_position"))
+
+
+def base_name(dataset_name: str) -> str:
+    """`emb_objects[base]` -> `emb_objects` (base/novel subsets keep their dataset's schedule)."""
+    return dataset_name.split("[")[0]
+
+
+def epochs_for(cfg: dict, task: Task) -> int:
+    """Official schedule: 50 epochs at 1 shot, 100 at 2-4, 200 at 8-16; ImageNet 50 at every shot count."""
+    if cfg.get("epochs"):
+        return int(cfg["epochs"])
+    by_ds = option(cfg, "epochs_by_dataset") or {}
+    if base_name(task.dataset.name) in by_ds:
+        return int(by_ds[base_name(task.dataset.name)])
+    by_shots = {int(k): int(v) for k, v in option(cfg, "epochs_by_shots").items()}
+    if task.shots is None:
+        raise ValueError("CoOp trains on a few-shot split: the task has no shot count and no `epochs` is set")
+    fitting = [k for k in sorted(by_shots) if k >= task.shots]
+    return by_shots[fitting[0] if fitting else max(by_shots)]
+
+
+def train_config(cfg: dict, task: Task, epochs: int | None = None) -> TrainConfig:
+    return TrainConfig.from_dict({**DEFAULTS["train"], **(cfg.get("train") or {}),
+                                  "epochs": epochs or epochs_for(cfg, task), "seed": int(task.seed)})
+
+
+def train_views(task: Task, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached features of the augmented training views, normalised: (V, N, D) and labels (N,)."""
+    views = [task.features("train", transform="train", view=v) for v in range(int(option(cfg, "cache_views")))]
+    feats = torch.stack([F.normalize(v["features"].float(), dim=-1) for v in views])
+    return feats, views[0]["labels"]
+
+
+def feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
+    """`batches(epoch)` for the Trainer: shuffled index batches, each image in a random cached view;
+    a pure function of (seed, epoch) so a resumed run sees the same batches."""
+    V, N, _ = feats.shape
+
+    def batches(epoch: int):
+        view = torch.randint(V, (N,), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        return [(feats[view[idx], idx], labels[idx]) for idx in index_batches(N, batch_size, seed, epoch)]
+    return batches
+
+
+LossFn = Callable[[PromptLearner, torch.Tensor, torch.Tensor, torch.Tensor], Any]
+
+
+def train_coop(task: Task, cfg: dict, learner: PromptLearner | None = None, loss_fn: LossFn | None = None,
+               desc: str | None = None) -> PromptLearner:
+    """Train CoOp's context on `task` (its few-shot train split) and return the learner.
+
+    Reads from `cfg` (official CoOp values when absent): n_ctx, ctx_init, csc, class_token_position,
+    batch_size, epochs / epochs_by_shots / epochs_by_dataset, cache_views, train (TrainConfig fields).
+    `loss_fn(learner, logits, labels, class_embeddings) -> loss | (loss, logs)` replaces cross-entropy
+    (papers that add a regulariser to CoOp use it). Checkpoints go to `task.out_dir` (exact resume)."""
+    learner = learner if learner is not None else build_learner(task.bundle, task.dataset.classnames, cfg)
+    feats, labels = train_views(task, cfg)
+    feats = feats.to(task.bundle.device)
+    labels = labels.to(task.bundle.device)
+    tcfg = train_config(cfg, task)
+    scale = logit_scale(task.bundle)
+    trainer = Trainer(learner, tcfg, task.out_dir, desc=desc or f"coop {task.dataset.name} k{task.shots}")
+
+    def step(batch):
+        x, y = batch
+        text = learner.class_embeddings()
+        logits = coop_logits(x, text, scale)
+        out = F.cross_entropy(logits, y) if loss_fn is None else loss_fn(learner, logits, y, text)
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        return loss, {"acc": float((logits.argmax(-1) == y).float().mean()) * 100, **logs}
+
+    trainer.fit(step, feature_batches(feats, labels, int(option(cfg, "batch_size")), tcfg.seed))
+    return learner
+
+
+@torch.no_grad()
+def class_weights(learner: PromptLearner, classnames: Sequence[str], chunk: int | None = None) -> torch.Tensor:
+    """(K, D) text classifier of the learned prompt for `classnames`."""
+    target = learner.with_classnames(classnames)
+    was = target.training
+    target.eval()
+    weights = target.class_embeddings(chunk=chunk)
+    target.train(was)
+    return weights
+
+
+def evaluate(learner: PromptLearner, task: Task, split: str = "test", chunk: int | None = None) -> dict[str, float]:
+    """Top-1 (and mean per-class) of the learned prompt on `task`'s split, with `task`'s own class names."""
+    chunk = chunk or int(option(task.cfg, "eval_chunk"))
+    return eval_classifier(task, class_weights(learner, task.dataset.classnames, chunk), split=split)
+
+
+def save_learner(learner: PromptLearner, path) -> None:
+    """Learned tensors plus what rebuilds the learner (class names, options), for `load_learner`."""
+    torch.save({"state": learner.trained_state(), "classnames": learner.classnames,
+                "init_kwargs": learner.init_kwargs, "type": type(learner).__name__}, path)
+
+
+def load_learner(path, bundle: ClipBundle, cls: type[PromptLearner] = PromptLearner) -> PromptLearner:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if blob.get("type", cls.__name__) != cls.__name__:
+        raise ValueError(f"{path} holds a {blob['type']}, not a {cls.__name__}")
+    with torch.random.fork_rng():
+        learner = cls(bundle, blob["classnames"], **blob["init_kwargs"])
+    missing, unexpected = learner.load_state_dict(blob["state"], strict=False)
+    if unexpected or [k for k in blob["state"] if k in missing]:
+        raise ValueError(f"{path} does not match {cls.__name__}: unexpected {unexpected[:5]}")
+    return learner.to(bundle.device)
+
+
+class Fitter:
+    """`fit(task)` for the protocols: trains once per (config, dataset sample, seed) in this process, so the
+    16-shot source model of domain generalisation / cross-dataset reuses an identical earlier training."""
+
+    def __init__(self, cfg: dict, train_fn: Callable[[Task, dict], PromptLearner] | None = None):
+        self.cfg, self.train_fn = cfg, train_fn or train_coop
+        self.memo: dict[str, PromptLearner] = {}
+
+    def __call__(self, task: Task) -> PromptLearner:
+        key = json.dumps([self.cfg, task.dataset.name, items_digest(task.dataset.train), task.shots, task.seed],
+                         sort_keys=True, default=str)
+        if key not in self.memo:
+            self.memo[key] = self.train_fn(task, self.cfg)
+        if task.out_dir is not None:
+            Path(task.out_dir).mkdir(parents=True, exist_ok=True)
+            save_learner(self.memo[key], Path(task.out_dir) / PROMPT_FILE)
+        return self.memo[key]

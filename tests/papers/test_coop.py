@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +8,15 @@ from common.clip import zeroshot_classifier
 from papers.coop.method import PromptLearner, coop_logits
 
 NAMES = ["red square", "green_circle", "blue triangle"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast alone and several times faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_init_from_a_photo_of_a_is_exactly_zero_shot(tiny_clip):
@@ -62,3 +73,156 @@ def test_bad_options(tiny_rn):
         PromptLearner(tiny_rn, NAMES, class_token_position="start")
     with pytest.raises(ValueError, match="n_ctx"):
         PromptLearner(tiny_rn, NAMES, n_ctx=0)
+
+
+# ------------------------------------------------------------------------------------------ added tests
+import papers.coop.__main__ as coop_main  # noqa: E402
+from common.clip import save_clip_checkpoint  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.data import Dataset, Datum, build_dataset, fewshot_split  # noqa: E402
+from common.engine import load_records  # noqa: E402
+from common.engine.protocols import Task  # noqa: E402
+from papers.coop.method import (encode_prompts, epochs_for, evaluate, train_coop, train_views,  # noqa: E402
+                                variant_name)
+from tests.papers.helpers import toy_overrides  # noqa: E402
+
+
+def test_encode_prompts_drops_only_tokens_after_eot(tiny_clip):
+    """Cutting the sequence after the last EOT is exact under the causal mask, chunked or not."""
+    pl = PromptLearner(tiny_clip, NAMES + ["a very long class name with many words"], n_ctx=5)
+    with torch.no_grad():
+        prompts = pl.construct_prompts(pl.ctx)
+        full = pl.encoder(prompts, pl.token_ids)
+        assert int(pl.token_ids.argmax(-1).max()) + 1 < pl.token_ids.shape[1]  # something is cut
+        assert torch.allclose(encode_prompts(pl.encoder, prompts, pl.token_ids), full, atol=1e-5)
+        assert torch.allclose(encode_prompts(pl.encoder, prompts, pl.token_ids, chunk=3), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_batched_prompts_equal_per_image_prompts(tiny_rn, position):
+    pl = PromptLearner(tiny_rn, NAMES, n_ctx=4, class_token_position=position)
+    ctx = torch.randn(3, 4, pl.encoder.width)
+    batched = pl.construct_prompts_batched(ctx)
+    assert batched.shape == (3, 3, pl.token_ids.shape[1], pl.encoder.width)
+    for b in range(3):
+        assert torch.equal(batched[b], pl.construct_prompts(ctx[b]))
+
+
+def test_with_classnames_moves_unified_context_and_picks_csc_rows(tiny_rn):
+    torch.manual_seed(1)
+    uni = PromptLearner(tiny_rn, NAMES, n_ctx=4)
+    other = uni.with_classnames(["dog", "cat"])
+    assert torch.equal(other.ctx, uni.ctx) and other.classnames == ["dog", "cat"]
+    ref = PromptLearner(tiny_rn, ["dog", "cat"], n_ctx=4)
+    with torch.no_grad():
+        ref.ctx.copy_(uni.ctx)
+        assert torch.allclose(other.class_embeddings(), ref.class_embeddings(), atol=1e-6)
+    csc = PromptLearner(tiny_rn, NAMES, n_ctx=4, csc=True)
+    sub = csc.with_classnames(["blue triangle", "red square"])
+    assert torch.equal(sub.ctx, csc.ctx[[2, 0]])
+    with torch.no_grad():
+        assert torch.allclose(sub.class_embeddings(), csc.class_embeddings()[[2, 0]], atol=1e-6)
+    with pytest.raises(ValueError, match="class-specific"):
+        csc.with_classnames(["dog"])
+    state = torch.get_rng_state()
+    uni.with_classnames(["x", "y"])
+    assert torch.equal(state, torch.get_rng_state())  # moving a prompt does not consume the caller's RNG
+
+
+def test_variant_names_and_config_variants():
+    assert variant_name({}) == "m16_end"
+    assert variant_name({"csc": True, "class_token_position": "middle"}) == "m16_middle_csc"
+    assert variant_name({"ctx_init": "a photo of a", "n_ctx": 16}) == "m4_end_ctxv1"
+    for profile in ("embedded", "real"):
+        cfg = load_config(coop_main.CONFIG, profile)
+        for key in cfg["variants"]:
+            assert variant_name(coop_main.with_variant(cfg, key)) == key
+        assert coop_main.cocoop_setting(cfg)["ctx_init"] == "a photo of a"
+    with pytest.raises(ValueError, match="unknown CoOp variant"):
+        coop_main.with_variant(cfg, "m3_end")
+
+
+def test_official_epoch_schedule(tiny_rn):
+    cfg = load_config(coop_main.CONFIG, "real")
+    ds = Dataset("caltech101", ["a"], "{}", [], [], [])
+    assert [epochs_for(cfg, Task(cfg, tiny_rn, ds, k, 1, None)) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert epochs_for(cfg, Task(cfg, tiny_rn, Dataset("imagenet[base]", ["a"], "{}", [], [], []), 16, 1, None)) == 50
+    assert cfg["train"]["lr"] == 0.002 and cfg["batch_size"] == 32 and cfg["n_ctx"] == 16
+
+
+def _toy_task(tmp_path, bundle, shots=2, seed=1, cfg=None):
+    args = toy_overrides(tmp_path, bundle)
+    cfg = cfg or load_config(coop_main.CONFIG, "embedded", args[1::2])
+    ds = fewshot_split(build_dataset("toy", tmp_path / "data"), shots, seed)
+    return Task(cfg, bundle, ds, shots, seed, tmp_path / "ckpt"), cfg
+
+
+def test_training_loss_is_cross_entropy_of_the_clip_head(tmp_path, tiny_rn):
+    """One epoch at an lr of ~0: the logged loss is CE(scale * cos(f, w)) of the zero-shot 'a photo of a' weights
+    on the cached (augmented, normalised) training features; only the context moves, CLIP stays frozen."""
+    task, cfg = _toy_task(tmp_path, tiny_rn)
+    cfg = dict(cfg, ctx_init="a photo of a", epochs=1, train={"warmup_epochs": 0, "lr": 1e-12}, batch_size=64)
+    task.cfg = cfg
+    frozen = {k: v.clone() for k, v in tiny_rn.model.state_dict().items()}
+    learner = train_coop(task, cfg)
+    feats, labels = train_views(task, cfg)
+    zs = zeroshot_classifier(tiny_rn, task.dataset.classnames, ["a photo of a {}."], cache_dir=None)
+    scale = tiny_rn.model.logit_scale.exp().item()
+    expected = F.cross_entropy(scale * feats[0] @ zs.t(), labels).item()
+    log = __import__("json").loads((tmp_path / "ckpt" / "train_log.json").read_text())
+    assert log[0]["loss"] == pytest.approx(expected, abs=1e-4)
+    assert all(torch.equal(v, tiny_rn.model.state_dict()[k]) for k, v in frozen.items())
+    assert [n for n, p in learner.named_parameters() if p.requires_grad] == ["ctx"]
+
+
+def _log(folder):
+    return json.loads((folder / "train_log.json").read_text())
+
+
+def test_training_fits_the_few_shot_set_and_resumes_exactly(tmp_path, tiny_rn):
+    task, cfg = _toy_task(tmp_path, tiny_rn, shots=4)
+    cfg = dict(cfg, epochs=4, batch_size=8, train={"lr": 0.05})
+    task.cfg = cfg
+    torch.manual_seed(0)
+    full = train_coop(task, cfg)
+    hist = _log(tmp_path / "ckpt")
+    assert len(hist) == 4 and hist[-1]["loss"] < hist[0]["loss"]
+    calls = []
+
+    def crash_in_epoch_3(learner, logits, labels, text):  # 16 images / batch 8 = 2 steps per epoch
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return F.cross_entropy(logits, labels)
+
+    task2 = Task(cfg, tiny_rn, task.dataset, 4, 1, tmp_path / "ckpt2")
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        train_coop(task2, cfg, loss_fn=crash_in_epoch_3)
+    torch.manual_seed(0)
+    resumed = train_coop(task2, cfg)
+    assert torch.allclose(resumed.ctx, full.ctx, atol=1e-6)
+    assert not torch.allclose(resumed.ctx, PromptLearner(tiny_rn, task.dataset.classnames).ctx, atol=1e-3)
+
+
+def test_reproduce_and_eval_smoke(tmp_path, tiny_rn, tiny_vit, capsys):
+    vit = tmp_path / "tiny-vit.pt"
+    save_clip_checkpoint(tiny_vit.model, vit)
+    args = toy_overrides(tmp_path, tiny_rn, {
+        "epochs": 1, "shots": "[1]", "reproduce.ablation.variants": "[m4_end_ctxv1]", "reproduce.ablation.shots": "[1]",
+        "reproduce.cocoop_setting.arch": "tiny-vit", "reproduce.cocoop_setting.pretrained": str(vit)})
+    coop_main.main(["reproduce", *args])
+    recs = load_records(paper="coop")
+    got = sorted({(r["protocol"], r["variant"], r["backbone"]) for r in recs})
+    assert got == [("base2novel", "m4_end_ctxv1", "tiny-vit"), ("cross_dataset", "m4_end_ctxv1", "tiny-vit"),
+                   ("domain_generalization", "m16_end", "tiny-rn"),
+                   ("domain_generalization", "m4_end_ctxv1", "tiny-rn"),
+                   ("domain_generalization", "m4_end_ctxv1", "tiny-vit"),
+                   ("fewshot", "m16_end", "tiny-rn"), ("fewshot", "m4_end_ctxv1", "tiny-rn")]
+    # toy has no second dataset: cross-dataset evaluates the source only
+    assert {r["dataset"] for r in recs if r["protocol"] == "domain_generalization"} == {"toy", "toy_shift"}
+    # eval re-scores the kept prompts and matches the records
+    rows = coop_main.main(["eval", *args])
+    stored = {(r["shots"], r["seed"]): r["metrics"]["top1"]
+              for r in load_records(paper="coop", protocol="fewshot", variant="m16_end")}
+    assert {(r["shots"], r["seed"]): round(r["top1"], 4) for r in rows} == stored

@@ -1,0 +1,81 @@
+"""CoCoOp: `python -m papers.cocoop {train,eval,reproduce}`.
+
+train      base-to-novel: context + Meta-Net on the 16-shot base classes of every dataset x seeds, tested on
+           base and novel classes; writes run records and keeps each learned prompt (`prompt.pt`)
+eval       re-evaluates the kept base-to-novel prompts on the base and novel test splits
+reproduce  base-to-novel (Table 1), cross-dataset transfer from `xd_source` (Table 2) and domain
+           generalisation from `dg_source` (Table 3); one source training per seed serves both transfers
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.cli import run_cli
+from common.data import build_dataset, subsample_classes
+from common.engine import load_records
+from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_base2novel, run_transfer
+from papers.coop.method import PROMPT_FILE, Fitter, load_learner
+
+from .method import CoCoOpPromptLearner, evaluate, train_cocoop
+
+SLUG = "cocoop"
+CONFIG = Path(__file__).with_name("config.yaml")
+PROTOCOLS = ("base2novel", "cross_dataset", "domain_generalization")
+
+
+def variant(cfg: dict) -> str:
+    return cfg.get("variant") or ""
+
+
+def train(cfg: dict, fit: Fitter | None = None) -> list[dict]:
+    """base-to-novel on every dataset x seeds (train on base classes, test base and novel); writes run records"""
+    return run_base2novel(cfg, SLUG, SLUG, fit or Fitter(cfg, train_cocoop), evaluate, variant=variant(cfg),
+                          shots=int(cfg["b2n_shots"]))
+
+
+def eval_(cfg: dict) -> list[dict]:
+    """re-evaluate the prompts kept by `train` on the base and novel test splits"""
+    bundle, shots, out = bundle_for(cfg), int(cfg["b2n_shots"]), []
+    for name in cfg["datasets"]:
+        full = build_dataset(name, cfg["data_root"])  # test splits do not depend on the few-shot sample
+        for seed in cfg["seeds"]:
+            path = checkpoint_dir(cfg, SLUG, "base2novel", name, SLUG, shots, seed, variant(cfg)) / PROMPT_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.cocoop train` first")
+            learner = load_learner(path, bundle, CoCoOpPromptLearner)
+            row = {split: evaluate(learner, Task(cfg, bundle, subsample_classes(full, split), shots, seed, None))["top1"]
+                   for split in ("base", "new")}
+            rec = load_records(paper=SLUG, protocol="base2novel", dataset=name, seed=seed, variant=variant(cfg))
+            stored = rec[0]["metrics"] if rec else {}
+            print(f"{name:>16s} seed={seed} base {row['base']:6.2f} novel {row['new']:6.2f}"
+                  + (f"  (record base {stored['base']:6.2f} novel {stored['novel']:6.2f})" if stored else ""))
+            out.append({"dataset": name, "seed": seed, **row})
+    return out
+
+
+def reproduce(cfg: dict) -> None:
+    """base-to-novel on every dataset, cross-dataset transfer and domain generalisation"""
+    fit = Fitter(cfg, train_cocoop)
+    for protocol in cfg["reproduce"]["protocols"]:
+        if protocol == "base2novel":
+            train(cfg, fit)
+        elif protocol == "cross_dataset":
+            run_transfer(cfg, SLUG, SLUG, "cross_dataset", fit, evaluate, cfg["xd_source"],
+                         [d for d in cfg["datasets"] if d != cfg["xd_source"]], variant=variant(cfg),
+                         shots=int(cfg["b2n_shots"]), seeds=cfg["reproduce"].get("transfer_seeds"))
+        elif protocol == "domain_generalization":
+            run_transfer(cfg, SLUG, SLUG, "domain_generalization", fit, evaluate, cfg["dg_source"],
+                         cfg["dg_targets"], variant=variant(cfg), shots=int(cfg["b2n_shots"]),
+                         seeds=cfg["reproduce"].get("transfer_seeds"))
+        else:
+            raise ValueError(f"reproduce.protocols: unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+
+
+def main(argv=None):
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce},
+                   "CoCoOp (Zhou et al., CVPR 2022): CoOp's context plus an image-conditional token from a "
+                   "Meta-Net, trained in real batches on cached image features.", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""CoCoOp: CoOp's context plus an image-conditional token from a small Meta-Net.
+
+For an image feature f (L2-normalised, as the official code feeds it), the Meta-Net
+h = Linear(D, D//16) -> ReLU -> Linear(D//16, d) gives pi = h(f), and every context vector is shifted
+by it: v_m(x) = v_m + pi. Each image therefore has its own K prompts, and the text encoder runs on
+B x K sequences per batch; logits_b,k = scale * cos(f_b, g_k(x_b)).
+
+The official trainer loops over the images of a batch (batch size 1 in every paper script). Here a
+batch is encoded in one pass: the B x K prompts are stacked into one (B*K, L, d) tensor; image chunks
+of at most `max_prompts // K` images bound memory at evaluation (novel classes, test batches).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common.clip import ClipBundle, logit_scale
+from common.engine import Trainer, classification_metrics
+from common.engine.protocols import Task
+from papers.coop.method import PromptLearner, encode_prompts, feature_batches, train_config, train_views
+
+
+class CoCoOpPromptLearner(PromptLearner):
+    """Unified context (M x d, "a photo of a" by default) + Meta-Net; the CLIP weights stay frozen."""
+
+    def __init__(self, bundle: ClipBundle, classnames: Sequence[str], n_ctx: int = 4,
+                 ctx_init: str | None = "a photo of a", csc: bool = False, class_token_position: str = "end",
+                 init_std: float = 0.02):
+        if csc:
+            raise ValueError("CoCoOp has no class-specific context: one conditional token is shared by all classes")
+        super().__init__(bundle, classnames, n_ctx=n_ctx, ctx_init=ctx_init, csc=False,
+                         class_token_position=class_token_position, init_std=init_std)
+        vis_dim, ctx_dim = bundle.embed_dim, self.encoder.width
+        if vis_dim < 16:
+            raise ValueError(f"the Meta-Net's hidden width is D//16; image embedding dim {vis_dim} is too small")
+        self.meta_net = nn.Sequential(OrderedDict([
+            ("linear1", nn.Linear(vis_dim, vis_dim // 16)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("linear2", nn.Linear(vis_dim // 16, ctx_dim)),
+        ])).to(self.ctx.device)
+
+    def conditional_context(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(B, M, d): the context shifted by pi = meta_net(normalised image feature)."""
+        pi = self.meta_net(F.normalize(image_features.float(), dim=-1))
+        return self.ctx.unsqueeze(0) + pi.unsqueeze(1).to(self.ctx.dtype)
+
+    def text_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(B, K, D) normalised class embeddings of each image's own prompts, all B x K in one pass."""
+        prompts = self.construct_prompts_batched(self.conditional_context(image_features))  # (B, K, L, d)
+        B, K, L, d = prompts.shape
+        text = encode_prompts(self.encoder, prompts.reshape(B * K, L, d), self.token_ids.repeat(B, 1))
+        return F.normalize(text, dim=-1).view(B, K, -1)
+
+    def logits(self, image_features: torch.Tensor, scale: float, max_prompts: int | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """(B, K) = scale * cos(f_b, g_k(x_b)); images go through in chunks of max_prompts // K."""
+        f = F.normalize(image_features.float(), dim=-1)
+        per = len(f) if not max_prompts else max(1, max_prompts // self.num_classes)
+        chunks = f.split(per) if len(f) else [f]
+        out = [scale * torch.einsum("bd,bkd->bk", c, self.text_features(c).float())
+               for c in tqdm(chunks, desc="cocoop eval", leave=False, disable=not progress or len(chunks) < 5)]
+        return torch.cat(out)
+
+
+def build_learner(bundle: ClipBundle, classnames: Sequence[str], cfg: dict) -> CoCoOpPromptLearner:
+    return CoCoOpPromptLearner(bundle, classnames, n_ctx=int(cfg.get("n_ctx") or 4),
+                               ctx_init=cfg.get("ctx_init", "a photo of a") or None,
+                               class_token_position=cfg.get("class_token_position") or "end")
+
+
+def cocoop_loss(learner: CoCoOpPromptLearner, image_features: torch.Tensor, labels: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the batch (= the mean of the official batch-1 losses) and the logits."""
+    logits = learner.logits(image_features, scale)
+    return F.cross_entropy(logits, labels), logits
+
+
+def train_cocoop(task: Task, cfg: dict, learner: CoCoOpPromptLearner | None = None,
+                 desc: str | None = None) -> CoCoOpPromptLearner:
+    """Train context + Meta-Net on `task`'s few-shot train split (cached features); returns the learner."""
+    learner = learner if learner is not None else build_learner(task.bundle, task.dataset.classnames, cfg)
+    feats, labels = train_views(task, cfg)
+    feats, labels = feats.to(task.bundle.device), labels.to(task.bundle.device)
+    tcfg = train_config(cfg, task, epochs=int(cfg.get("epochs") or 10))
+    scale = logit_scale(task.bundle)
+    trainer = Trainer(learner, tcfg, task.out_dir, desc=desc or f"cocoop {task.dataset.name} k{task.shots}")
+
+    def step(batch):
+        x, y = batch
+        loss, logits = cocoop_loss(learner, x, y, scale)
+        return loss, {"acc": float((logits.argmax(-1) == y).float().mean()) * 100}
+
+    trainer.fit(step, feature_batches(feats, labels, int(cfg.get("batch_size") or 1), tcfg.seed))
+    return learner
+
+
+@torch.no_grad()
+def evaluate(learner: CoCoOpPromptLearner, task: Task, split: str = "test") -> dict[str, float]:
+    """Top-1 on `task`'s split in its own label space (its class names), B x K prompts chunked."""
+    target = learner.with_classnames(task.dataset.classnames)
+    was = target.training
+    target.eval()
+    feats = task.features(split)
+    logits = target.logits(feats["features"].to(task.bundle.device), logit_scale(task.bundle),
+                           max_prompts=int(task.cfg.get("eval_max_prompts") or 4096), progress=True)
+    target.train(was)
+    return classification_metrics(logits.cpu(), feats["labels"])

@@ -1,0 +1,120 @@
+"""CoOp: `python -m papers.coop {train,eval,reproduce}`.
+
+train      few-shot CoOp (the options at top level, or `--set variant=<name>` from `variants`) on every
+           dataset x shots x seeds; writes run records and keeps each learned prompt (`prompt.pt`)
+eval       re-evaluates the kept prompts of `train` on their test split (or `--set eval_on=<dataset>`)
+reproduce  every protocol of the paper the profile supports: few-shot curves, context ablations, domain
+           generalisation (M=16 and M=4), and CoCoOp's setting (ViT, M=4 "a photo of a"): base-to-novel,
+           cross-dataset, domain generalisation
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from common.cli import run_cli
+from common.data import build_dataset
+from common.engine import load_records
+from common.engine.protocols import (Task, bundle_for, checkpoint_dir, run_base2novel, run_fewshot,
+                                     run_transfer)
+
+from .method import PROMPT_FILE, Fitter, evaluate, load_learner, variant_name
+
+SLUG = "coop"
+CONFIG = Path(__file__).with_name("config.yaml")
+
+
+def with_variant(cfg: dict, name: str | None) -> dict:
+    """The config with a named variant's options applied (None: the top-level options as they are)."""
+    out = copy.deepcopy(cfg)
+    if name:
+        variants = cfg.get("variants") or {}
+        if name not in variants:
+            raise ValueError(f"unknown CoOp variant {name!r}; config.yaml variants: {sorted(variants)}")
+        out.update(copy.deepcopy(variants[name]))
+    return out
+
+
+def fewshot(cfg: dict, fit: Fitter | None = None, shots=None, datasets=None) -> list[dict]:
+    fit = fit or Fitter(cfg)
+    return run_fewshot(cfg, SLUG, SLUG, lambda task: evaluate(fit(task), task), variant=variant_name(cfg),
+                       shots=shots, datasets=datasets)
+
+
+def train(cfg: dict) -> list[dict]:
+    """few-shot CoOp (top-level options or --set variant=NAME) on datasets x shots x seeds; writes run records"""
+    return fewshot(with_variant(cfg, cfg.get("variant")))
+
+
+def eval_(cfg: dict) -> list[dict]:
+    """re-evaluate the prompts kept by `train` (on their test split, or on --set eval_on=DATASET)"""
+    cfg = with_variant(cfg, cfg.get("variant"))
+    variant, bundle = variant_name(cfg), bundle_for(cfg)
+    out = []
+    for name in cfg["datasets"]:
+        target = build_dataset(cfg.get("eval_on") or name, cfg["data_root"])
+        for k in cfg["shots"]:
+            for seed in cfg["seeds"]:
+                path = checkpoint_dir(cfg, SLUG, "fewshot", name, SLUG, k, seed, variant) / PROMPT_FILE
+                if not path.is_file():
+                    raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.coop train` "
+                                            f"with the same options first")
+                values = evaluate(load_learner(path, bundle), Task(cfg, bundle, target, k, seed, None))
+                rec = load_records(paper=SLUG, protocol="fewshot", dataset=name, shots=k, seed=seed, variant=variant)
+                stored = rec[0]["metrics"]["top1"] if rec and target.name == name else None
+                print(f"{name:>16s} -> {target.name:<16s} k={k:<2d} seed={seed} top1 {values['top1']:6.2f}"
+                      + (f"  (record {stored:6.2f})" if stored is not None else ""))
+                out.append({"dataset": name, "eval_on": target.name, "shots": k, "seed": seed, **values})
+    return out
+
+
+def cocoop_setting(cfg: dict) -> dict:
+    """CoCoOp's CoOp baseline: ViT backbone, M=4 from "a photo of a" (configs/trainers/CoOp/vit_b16_ctxv1.yaml)."""
+    block = cfg["reproduce"]["cocoop_setting"]
+    out = with_variant(cfg, block["variant"])
+    for key in ("arch", "pretrained", "epochs_by_shots", "epochs_by_dataset", "seeds", "batch_size", "train"):
+        if block.get(key) is not None:
+            out[key] = copy.deepcopy(block[key])
+    return out
+
+
+def reproduce(cfg: dict) -> None:
+    """few-shot curves + ablations, DG with M=16 and M=4, and CoCoOp's setting (base2novel, cross-dataset, DG)"""
+    plan = cfg["reproduce"]
+    ablation = plan.get("ablation") or {}
+    jobs = [(name, None, None) for name in plan.get("fewshot") or []]
+    jobs += [(name, ablation.get("shots"), ablation.get("datasets")) for name in ablation.get("variants") or []]
+    fits: dict[str, Fitter] = {}
+    for name, shots, datasets in jobs:
+        vcfg = with_variant(cfg, name)
+        fewshot(vcfg, fits.setdefault(name, Fitter(vcfg)), shots=shots, datasets=datasets)
+    for name in plan.get("domain_generalization") or []:  # reuses the 16-shot source runs trained above
+        vcfg = with_variant(cfg, name)
+        run_transfer(vcfg, SLUG, SLUG, "domain_generalization", fits.get(name) or Fitter(vcfg), evaluate,
+                     cfg["dg_source"], cfg["dg_targets"], variant=variant_name(vcfg))
+    block = plan.get("cocoop_setting") or {}
+    if block.get("protocols"):
+        ccfg = cocoop_setting(cfg)
+        fit, variant = Fitter(ccfg), variant_name(ccfg)
+        for protocol in block["protocols"]:
+            if protocol == "base2novel":
+                run_base2novel(ccfg, SLUG, SLUG, fit, evaluate, variant=variant)
+            elif protocol == "cross_dataset":
+                run_transfer(ccfg, SLUG, SLUG, "cross_dataset", fit, evaluate, ccfg["xd_source"],
+                             [d for d in ccfg["datasets"] if d != ccfg["xd_source"]], variant=variant)
+            elif protocol == "domain_generalization":
+                run_transfer(ccfg, SLUG, SLUG, "domain_generalization", fit, evaluate, ccfg["dg_source"],
+                             ccfg["dg_targets"], variant=variant)
+            else:
+                raise ValueError(f"reproduce.cocoop_setting.protocols: unknown protocol {protocol!r} "
+                                 f"(base2novel, cross_dataset, domain_generalization)")
+
+
+def main(argv=None):
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce},
+                   "CoOp (Zhou et al., IJCV 2022): learned prompt context for CLIP, trained on cached image "
+                   "features with the frozen text encoder in the loop.", argv)
+
+
+if __name__ == "__main__":
+    main()
