@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("slugs", nargs="*", help="paper folders to report on (papers/<slug>/paper.yaml)")
     ap.add_argument("--all", action="store_true", help="every papers/*/paper.yaml")
     ap.add_argument("--leaderboard", action="store_true",
-                    help="write reports/leaderboard.md, leaderboard.json, plots/fewshot.csv and figures")
+                    help="write reports/leaderboard.md, leaderboard.json, plots/fewshot.json and figures")
     ap.add_argument("--runs", type=Path, default=None,
                     help="root of the run records (default: $VLMT_RUNS or runs/)")
     ap.add_argument("--papers", type=Path, default=Path("papers"), help="folder holding <slug>/paper.yaml")
@@ -40,22 +40,23 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--out is ambiguous with both reports and --leaderboard: run them separately")
     if args.all and not slugs:
         print(f"no paper.yaml under {args.papers}/", file=sys.stderr)
-    for slug in slugs:
+    failed = 0
+    for slug in slugs:  # a bad paper.yaml is reported, and the other reports are still written
         if not (args.papers / slug / "paper.yaml").exists():
             known = ", ".join(paper_slugs(args.papers)) or "none"
             print(f"error: {args.papers / slug / 'paper.yaml'} not found (papers with a paper.yaml: {known})",
                   file=sys.stderr)
-            return 2
+            failed += 1
+            continue
         try:
-            path = write_report(slug, args.papers, args.runs, args.out)
+            print(write_report(slug, args.papers, args.runs, args.out))
         except PaperSpecError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(path)
+            failed += 1
     if args.leaderboard:
         paths = write_leaderboard(args.runs, args.out or Path("reports"), args.profile)
         print(paths["md"])
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -7,12 +7,10 @@ set of cells more than half of the methods ran, and a method missing part of it 
 (with what it lacks) instead of in it.
 
 Also written: ``leaderboard.json`` (flat ``protocol/backbone/method/column -> value``, for ``dvc metrics``),
-``plots/fewshot.csv`` (average few-shot curve per method, for ``dvc plots``) and PNG figures.
+``plots/fewshot.json`` (average few-shot curve per method, zero-shot at shots 0, for ``dvc plots``) and PNG figures.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -222,7 +220,8 @@ class Leaderboard:
             for k, (m, _) in zip(shots, stats):
                 self._put("fewshot", bb, e, f"k{k}", m)
                 self.fewshot_rows.append({"backbone": bb, "method": e.label(), "shots": k,
-                                          metric: round(m, 4), "std": "" if _ is None else round(_, 4)})
+                                          "metric": metric, "value": round(m, 4),
+                                          "std": None if _ is None else round(_, 4)})
             curves[e.label()] = [(k, m, s) for k, (m, s) in zip(shots, stats)]
             rows.append((stats[-1][0], [e.label(), "—"] + [fmt_pm(m, s) for m, s in stats]))
         # zero-shot reference rows (protocol zeroshot) over the same datasets
@@ -234,8 +233,8 @@ class Leaderboard:
                 continue
             m, s = _avg(zc, zgrid, metric)
             self._put("fewshot", bb, e, "k0", m)
-            self.fewshot_rows.append({"backbone": bb, "method": e.label() + " zero-shot", "shots": 0,
-                                      metric: round(m, 4), "std": "" if s is None else round(s, 4)})
+            self.fewshot_rows.append({"backbone": bb, "method": e.label() + ", zero-shot", "shots": 0,
+                                      "metric": metric, "value": round(m, 4), "std": None if s is None else round(s, 4)})
             refs[e.label() + " zero-shot"] = m
             rows.append((None, [e.label() + ", zero-shot", fmt_pm(m, s)] + ["—"] * len(shots)))
         if not refs:  # no zero-shot run to show: drop the k=0 column
@@ -313,7 +312,7 @@ class Leaderboard:
 
 def write_leaderboard(runs_root: Path | str | None = None, out_dir: Path | str = "reports",
                       profile: str = "embedded") -> dict[str, Path]:
-    """Write leaderboard.md, leaderboard.json, plots/fewshot.csv and leaderboard_*.png under ``out_dir``."""
+    """Write leaderboard.md, leaderboard.json, plots/fewshot.json and leaderboard_*.png under ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in sorted(out_dir.glob("leaderboard_*.png")):
@@ -324,16 +323,10 @@ def write_leaderboard(runs_root: Path | str | None = None, out_dir: Path | str =
     if figs:
         text += "\n## Figures\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figs) + "\n"
     paths = {"md": out_dir / "leaderboard.md", "json": out_dir / "leaderboard.json",
-             "csv": out_dir / "plots" / "fewshot.csv"}
+             "plot": out_dir / "plots" / "fewshot.json"}
     paths["md"].write_text(text)
     paths["json"].write_text(json.dumps(dict(sorted(lb.metrics.items())), indent=1) + "\n")
-    paths["csv"].parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    metric = next((k for row in lb.fewshot_rows for k in row if k not in ("backbone", "method", "shots", "std")),
-                  "top1")
-    w = csv.DictWriter(buf, fieldnames=["backbone", "method", "shots", metric, "std"], lineterminator="\n")
-    w.writeheader()
-    for row in sorted(lb.fewshot_rows, key=lambda r: (r["backbone"], r["method"], r["shots"])):
-        w.writerow(row)
-    paths["csv"].write_text(buf.getvalue())
+    paths["plot"].parent.mkdir(parents=True, exist_ok=True)
+    rows = sorted(lb.fewshot_rows, key=lambda r: (r["backbone"], r["method"], r["shots"]))
+    paths["plot"].write_text(json.dumps(rows, indent=1) + "\n")
     return paths

@@ -89,7 +89,7 @@ class Report:
         for i, c in enumerate(self.paper.claims):
             e, r = verdicts["embedded"][i], verdicts["real"][i]
             real = MARK[r.status] if has_real else "not run here"
-            rows.append([f"[{c.id}](#claim-{c.id.replace('_', '-')})", c.text, MARK[e.status], real])
+            rows.append([f"[{c.id}](#claim-{c.id})", c.text, MARK[e.status], real])  # GitHub anchor
         counts = {s: sum(v.status == s for v in verdicts["embedded"]) for s in MARK}
         line = (f"Embedded profile: {counts[REPRODUCED]} reproduced, {counts[NOT_REPRODUCED]} not reproduced, "
                 f"{counts[NOT_TESTABLE]} not testable, of {len(self.paper.claims)} claims.")
@@ -144,6 +144,9 @@ class Report:
                "zero-shot runs are deterministic and have one seed. `k` = shots per class."]
         srcs = sorted({(r["method"], r["paper"]) for r in recs})
         out += ["Runs used: " + "; ".join(f"{m} from `papers/{p}`" for m, p in srcs) + "."]
+        missing = [m for m in self.methods if norm(m) not in {norm(r["method"]) for r in recs}]
+        if missing:
+            out += [f"No {profile}-profile runs yet of: {', '.join(missing)}."]
         for proto in sorted(self.protocols, key=_proto_rank):
             for bb in backbones_for(self.paper, [r for r in recs if r["protocol"] == proto], profile):
                 groups = self._groups(profile, proto, bb)

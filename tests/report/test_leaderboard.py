@@ -1,5 +1,4 @@
 """Leaderboard: the shared grid, hand-computed averages, DVC metrics/plots files, determinism."""
-import csv
 import json
 
 import pytest
@@ -58,15 +57,17 @@ def test_files_for_dvc_and_determinism(tmp_path):
     runs = world(tmp_path / "runs")
     p1 = write_leaderboard(runs, tmp_path / "a")
     write_leaderboard(runs, tmp_path / "b")
-    for name in ("leaderboard.md", "leaderboard.json", "plots/fewshot.csv", "leaderboard_fewshot_tiny-rn.png",
+    for name in ("leaderboard.md", "leaderboard.json", "plots/fewshot.json", "leaderboard_fewshot_tiny-rn.png",
                  "leaderboard_base2novel_tiny-rn.png", "leaderboard_domain_generalization_tiny-rn.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     metrics = json.loads(p1["json"].read_text())
     assert all(isinstance(v, float) for v in metrics.values()) and list(metrics) == sorted(metrics)
-    rows = list(csv.DictReader(p1["csv"].open()))
-    assert rows[0].keys() == {"backbone", "method", "shots", "top1", "std"}
-    lp = [(int(r["shots"]), float(r["top1"])) for r in rows if r["method"] == "linear_probe"]
-    assert lp == [(1, 30.0), (2, 34.0), (4, 38.0), (8, 42.0), (16, 58.0)]
+    rows = json.loads(p1["plot"].read_text())
+    assert rows[0].keys() == {"backbone", "method", "shots", "metric", "value", "std"}
+    lp = [(r["shots"], r["value"], r["std"]) for r in rows if r["method"] == "linear_probe"]
+    assert lp == [(1, 30.0, 1.0), (2, 34.0, 1.0), (4, 38.0, 1.0), (8, 42.0, 1.0), (16, 58.0, 1.0)]
+    zs = [(r["shots"], r["value"], r["std"]) for r in rows if r["method"] == "zeroshot_clip (single), zero-shot"]
+    assert zs == [(0, 50.0, None)]
     assert "![leaderboard_fewshot_tiny-rn](leaderboard_fewshot_tiny-rn.png)" in p1["md"].read_text()
 
 

@@ -1,4 +1,5 @@
 """REPORT.md rendering and the CLI: content, honesty markers, figures only where data exists, determinism."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def test_real_profile_numbers_beside_the_paper(tmp_path):
     assert (papers / "demo" / "REPORT.md").exists()
     assert "| linear_probe | RN50 | 16 | EMB-Objects | top1 | 50.00 | 48.00 ± 1.00 (3) | -2.00 |" in text
     assert "1 of 2 paper numbers have a matching real run; 1 do not" in text
-    assert "| [lp](#claim-lp) | t | ✔ reproduced | ✔ reproduced |" in text
+    assert "| [lp](#claim-lp) | t | ✔ reproduced | ✔ reproduced |" in text and "### Claim lp" in text
     assert "- **real**: ✔ reproduced on 3 dataset(s)" in text
     assert "- smaller batch *Why*: memory" in text
     assert (papers / "demo" / "fig_real_fewshot_RN50.png").exists()
@@ -79,17 +80,20 @@ def test_real_profile_numbers_beside_the_paper(tmp_path):
 
 def test_cli(tmp_path, capsys):
     runs = world(tmp_path / "runs")
-    out = tmp_path / "out"
-    assert main(["--all", "--papers", str(PAPERS), "--runs", str(runs), "--out", str(out)]) == 0
-    made = sorted(p.parent.name for p in out.glob("*/REPORT.md"))
-    assert {"linear_probe", "zeroshot_clip"} <= set(made)
-    assert main(["nope", "--papers", str(PAPERS), "--runs", str(runs), "--out", str(out)]) == 2
-    assert "papers with a paper.yaml:" in capsys.readouterr().err
+    papers, out = tmp_path / "papers", tmp_path / "out"
+    for slug in ("zeroshot_clip", "linear_probe"):
+        (papers / slug).mkdir(parents=True)
+        shutil.copy(PAPERS / slug / "paper.yaml", papers / slug / "paper.yaml")
+    assert main(["--all", "--papers", str(papers), "--runs", str(runs), "--out", str(out)]) == 0
+    assert sorted(p.parent.name for p in out.glob("*/REPORT.md")) == ["linear_probe", "zeroshot_clip"]
+    assert main(["nope", "--papers", str(papers), "--runs", str(runs), "--out", str(out)]) == 2
+    assert "papers with a paper.yaml: linear_probe, zeroshot_clip" in capsys.readouterr().err
     bad = tmp_path / "papers" / "bad"
     bad.mkdir(parents=True)
     (bad / "paper.yaml").write_text("slug: bad\ntitle: x\n")
-    assert main(["bad", "--papers", str(tmp_path / "papers"), "--runs", str(runs), "--out", str(out)]) == 2
+    assert main(["--all", "--papers", str(papers), "--runs", str(runs), "--out", str(out / "x")]) == 2
     assert "missing key(s)" in capsys.readouterr().err
+    assert (out / "x" / "zeroshot_clip" / "REPORT.md").exists()      # the good papers are still reported
     assert main(["--leaderboard", "--runs", str(runs), "--out", str(out / "reports")]) == 0
     assert (out / "reports" / "leaderboard.md").exists()
     with pytest.raises(SystemExit):

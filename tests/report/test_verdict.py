@@ -161,6 +161,16 @@ def test_pinned_datasets_and_shot_curves(tmp_path):
     assert v.status == REPRODUCED and v.terms[0].value == {1: 30.0, 2: 34.0, 4: 38.0, 8: 42.0, 16: 58.0}
 
 
+def test_shot_vectors_compare_per_shot_count(tmp_path):
+    world(tmp_path)
+    v = verdict(tmp_path, "all(per(top1, method=coop, variant=m16, by=shots) > per(top1, method=linear_probe, by=shots) + 4.9)")
+    assert v.status == REPRODUCED                           # coop = probe + 5 at every shot count
+    v = verdict(tmp_path, "argmax(per(top1, method=coop, variant=m16, by=shots)) == 16 and "
+                          "count(per(top1, method=linear_probe, by=shots) < mean(top1, method=zeroshot_clip, "
+                          "variant=single, protocol=zeroshot)) == 4")
+    assert v.status == REPRODUCED                           # probe below zero-shot (50) at 1, 2, 4, 8 shots
+
+
 def test_duplicate_runs_prefer_the_methods_own_folder(tmp_path):
     rec(tmp_path, "zeroshot_clip", "d", {"top1": 50.0}, protocol="zeroshot", seed=0)
     rec(tmp_path, "zeroshot_clip", "d", {"top1": 10.0}, protocol="zeroshot", seed=0, paper="coop")
