@@ -14,7 +14,7 @@ import torch
 
 from common.cli import run_cli
 from common.clip import logit_scale, zeroshot_classifier
-from common.data import build_dataset
+from common.data import build_dataset, sample_per_class
 from common.engine import classification_metrics, run_dir, write_record
 from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense
 from common.engine.protocols import Task, bundle_for, run_fewshot
@@ -39,9 +39,22 @@ def grids(cfg, dataset_name: str) -> tuple[list[float], list[float]]:
     return beta_grid(b2_max, s["steps"]), beta_grid(b3_max, s["steps"])
 
 
-def split_terms(task: Task, split: str, F_t: torch.Tensor, text_softmax: str = "positions"):
+def selection_split(task: Task) -> tuple[str, list]:
+    """Labelled images the fusion weights are searched on: the validation split, or, for a dataset without
+    one (ImageNet: its official val is our test), `val_from_train` images per class drawn from train."""
+    if task.dataset.val:
+        return "val", task.dataset.val
+    k = task.cfg.get("val_from_train") or 0
+    if k < 1 or not task.dataset.train:
+        raise ValueError(f"{task.dataset.name} has no validation split to search CALIP's fusion weights on; set "
+                         f"val_from_train=K to draw K images per class from its train split, or use variant paper")
+    return "val_from_train", sample_per_class(task.dataset.train, int(k), seed=0)
+
+
+def split_terms(task: Task, split: str, F_t: torch.Tensor, text_softmax: str = "positions", items=None):
     cfg = task.cfg
-    feats = dense_features(task.bundle, task.dataset.name, split, task.dataset.split(split), mode=cfg["dense_mode"],
+    items = task.dataset.split(split) if items is None else items
+    feats = dense_features(task.bundle, task.dataset.name, split, items, mode=cfg["dense_mode"],
                            batch_size=cfg["eval_batch_size"])
     dev = task.bundle.device
     terms = calip_terms(feats["global"].to(dev), feats["dense"].to(dev), F_t.to(dev), logit_scale(task.bundle),
@@ -85,13 +98,12 @@ def zeroshot_dataset(cfg, name: str, variants: list[str]) -> dict[str, tuple[flo
     variants = [v for v in variants if v != "paper" or name in (cfg.get("paper_betas") or {})]
     t0 = time.time()
     task = Task(cfg, bundle, build_dataset(name, cfg["data_root"]), None, 0, None)
-    if not task.dataset.val:
-        raise ValueError(f"{name} has no validation split: CALIP's fusion weights are searched on val "
-                         f"(set variants to [paper] with paper_betas, or add a val split)")
     F_t = text_classifier(bundle, task.dataset, cfg)
-    val, test = split_terms(task, "val", F_t), split_terms(task, "test", F_t)
-    wrong = ({s: split_terms(task, s, F_t, "classes") for s in ("val", "test")}
-             if "val_wrong_axis" in variants else {})
+    sel_split, sel_items = selection_split(task) if any(v.startswith("val") for v in variants) else ("val", [])
+    val = split_terms(task, sel_split, F_t, items=sel_items) if sel_items else None
+    test = split_terms(task, "test", F_t)
+    wrong = ({"val": split_terms(task, sel_split, F_t, "classes", sel_items),
+              "test": split_terms(task, "test", F_t, "classes")} if "val_wrong_axis" in variants else {})
     zs_top1 = classification_metrics(test[0].zero_shot, test[1])["top1"]
     chosen = {}
     for variant in variants:
@@ -136,9 +148,9 @@ def fit_calip_fs(task: Task) -> CalipFS:
     cfg, fs = task.cfg, task.cfg["fs"]
     F_t = text_classifier(task.bundle, task.dataset, cfg)
     if fs["beta"] == "val":  # CALIP's search on this run's few-shot val split: CALIP-FS starts at that CALIP
-        if not task.dataset.val:
-            raise ValueError(f"{task.dataset.name}: fs.beta=val needs a validation split; set fs.beta=[b2, b3]")
-        b2, b3, _ = search_betas(*split_terms(task, "val", F_t), *grids(cfg, task.dataset.name))
+        # (no val split, e.g. ImageNet: search on the K-shot training images, test-time transform)
+        split = "val" if task.dataset.val else "train"
+        b2, b3, _ = search_betas(*split_terms(task, split, F_t), *grids(cfg, task.dataset.name))
     else:
         b2, b3 = (float(b) for b in fs["beta"])
     model = CalipFS(F_t, b2, b3, logit_scale(task.bundle), cfg["attn_scale"], cfg["normalize_updated"])

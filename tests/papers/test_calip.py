@@ -162,3 +162,18 @@ def test_reproduce_smoke_and_dense_cache(tmp_path, tiny_rn):
     # a rerun finds every record and computes nothing
     assert calip_main.train(__import__("common.config", fromlist=["x"]).load_config(
         calip_main.CONFIG, "embedded", args[1::2])) == []
+
+
+def test_selection_split_never_uses_test(tmp_path, tiny_rn):
+    from dataclasses import replace
+    from common.engine.protocols import Task
+    toy_overrides(tmp_path, tiny_rn)
+    ds = build_dataset("toy", tmp_path / "data")
+    cfg = {"val_from_train": 2}
+    assert calip_main.selection_split(Task(cfg, tiny_rn, ds, None, 0, None)) == ("val", ds.val)
+    no_val = replace(ds, val=[])  # like ImageNet, whose official val is our test split
+    name, items = calip_main.selection_split(Task(cfg, tiny_rn, no_val, None, 0, None))
+    assert name == "val_from_train" and len(items) == 2 * ds.num_classes
+    assert {d.impath for d in items} <= {d.impath for d in ds.train}
+    with pytest.raises(ValueError, match="val_from_train"):
+        calip_main.selection_split(Task({"val_from_train": 0}, tiny_rn, no_val, None, 0, None))
