@@ -130,14 +130,14 @@ def evaluate(node_embeddings: torch.Tensor, scale: float, task: Task, tax: Taxon
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def _record(cfg, method, variant, dataset, shots, seed, values, wall) -> dict:
+def _record(cfg, method, variant, dataset, source, shots, seed, values, wall) -> dict:
     return {"paper": SLUG, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": PROTOCOL,
-            "dataset": dataset, "source": dataset, "backbone": cfg["arch"], "shots": shots, "seed": seed,
+            "dataset": dataset, "source": source, "backbone": cfg["arch"], "shots": shots, "seed": seed,
             "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
 
 
-def _done(cfg, method, variant, dataset, shots, seed) -> bool:
-    return (run_dir(SLUG, PROTOCOL, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant)
+def _done(cfg, method, variant, dataset, shots, seed, source) -> bool:
+    return (run_dir(SLUG, PROTOCOL, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant, source)
             / "metrics.json").is_file() and not cfg.get("force", False)
 
 
@@ -151,52 +151,93 @@ def methods_of(cfg: dict) -> list[tuple[str, str, float, float]]:
     return out
 
 
+def targets_of(cfg: dict, name: str) -> list[str]:
+    """Shifted domains evaluated with the prompts trained on `name` (the paper's ImageNet -> A/R/V2/Sketch)."""
+    if not cfg["eval_targets"] or name != cfg["dg_source"]:
+        return []
+    return [t for t in cfg["dg_targets"] if t != name]
+
+
+class Trees:
+    """Taxonomy and fixed evaluation cuts per dataset, built once per command. A shifted domain without a
+    hierarchy of its own uses its source's tree (pruned to its classes)."""
+
+    def __init__(self, cfg: dict):
+        self.cfg, self.data, self.trees = cfg, {}, {}
+
+    def dataset(self, name: str) -> Dataset:
+        if name not in self.data:
+            self.data[name] = build_dataset(name, self.cfg["data_root"])
+        return self.data[name]
+
+    def get(self, name: str, source: str | None = None) -> tuple[Taxonomy, list]:
+        if name not in self.trees:
+            dcfg, ds = dataset_config(self.cfg, source or name), self.dataset(name)
+            try:
+                tax = taxonomy_for(dcfg, ds)
+            except ValueError:
+                if source is None or source == name:
+                    raise
+                tax = Taxonomy(self.get(source)[0].mapping, ds.classnames)
+            self.trees[name] = (tax, eval_cuts(dcfg, tax, name))
+        return self.trees[name]
+
+
+def node_embeddings_for(model: ProTeCt, tax: Taxonomy) -> torch.Tensor:
+    """The trained prompts on another taxonomy (a shifted domain's sub-tree): CoOp's learned context with
+    that tree's node names."""
+    if tax.names == model.taxonomy.names:
+        return model.node_embeddings()
+    return model.prompt.with_classnames(tax.prompt_names).class_embeddings()
+
+
 def run_taxonomic(cfg: dict, methods: list[tuple[str, str, float, float]] | None = None) -> list[dict]:
-    """Train and evaluate every method on every taxonomic dataset x shots x seeds (finished runs skipped)."""
+    """Train and evaluate every method on every taxonomic dataset x shots x seeds, and on the dataset's
+    shifted domains (finished runs are skipped)."""
     methods = methods if methods is not None else methods_of(cfg)
     bundle = bundle_for(cfg)
     jobs = [(d, m, k, s) for d in datasets_of(cfg) for m in methods for k in cfg["shots"] for s in cfg["seeds"]]
-    out, trees = [], {}
+    out, trees = [], Trees(cfg)
     for name, (method, variant, lam, p), k, seed in tqdm(jobs, desc=f"{SLUG} {PROTOCOL}"):
         dcfg = dataset_config(cfg, name)
-        if _done(dcfg, method, variant, name, k, seed):
+        evals = [name] + targets_of(dcfg, name)
+        if all(_done(dcfg, method, variant, d, k, seed, name) for d in evals):
             continue
         t0 = time.time()
-        full = build_dataset(name, cfg["data_root"])
-        if name not in trees:
-            tax = taxonomy_for(dcfg, full)
-            trees[name] = (tax, eval_cuts(dcfg, tax, name))
-        tax, cuts = trees[name]
+        tax, _ = trees.get(name)
         run_cfg = {**copy.deepcopy(dcfg), "lam": lam, "collapse_p": p}
-        task = Task(run_cfg, bundle, fewshot_split(full, k, seed), k, seed,
+        task = Task(run_cfg, bundle, fewshot_split(trees.dataset(name), k, seed), k, seed,
                     checkpoint_dir(run_cfg, SLUG, PROTOCOL, name, method, k, seed, variant))
         seed_everything(seed)
         model = fit(task, tax, lam, p, desc=f"{method}{'-' + variant if variant else ''} {name} k{k} s{seed}")
-        values = evaluate(model.node_embeddings().detach(), model.scale, task, tax, cuts)
-        rec = _record(run_cfg, method, variant, name, k, seed, values, time.time() - t0)
-        write_record(rec)
+        with torch.no_grad():
+            for d in evals:
+                tax_d, cuts_d = trees.get(d, name)
+                ds = task.dataset if d == name else trees.dataset(d)
+                values = evaluate(node_embeddings_for(model, tax_d), model.scale,
+                                  Task(run_cfg, bundle, ds, k, seed, task.out_dir), tax_d, cuts_d)
+                out.append(_record(run_cfg, method, variant, d, name, k, seed, values, time.time() - t0))
+                write_record(out[-1])
         (Path(task.out_dir) / "checkpoint.pt").unlink(missing_ok=True)  # only for resuming an interrupted run
-        out.append(rec)
     return out
 
 
 def run_zeroshot(cfg: dict) -> list[dict]:
     """Zero-shot CLIP on the taxonomy: node prompts from the dataset's template, nothing trained."""
     bundle = bundle_for(cfg)
-    out = []
+    out, trees = [], Trees(cfg)
     for name in datasets_of(cfg):
         dcfg = dataset_config(cfg, name)
-        if _done(dcfg, *ZEROSHOT, name, None, 0):
-            continue
-        t0 = time.time()
-        full = build_dataset(name, cfg["data_root"])
-        tax = taxonomy_for(dcfg, full)
-        cuts = eval_cuts(dcfg, tax, name)
-        w = zeroshot_classifier(bundle, tax.prompt_names, [full.template]).to(bundle.device)
-        values = evaluate(w, logit_scale(bundle), Task(dcfg, bundle, full, None, 0, None), tax, cuts)
-        rec = _record(dcfg, *ZEROSHOT, name, None, 0, values, time.time() - t0)
-        write_record(rec)
-        out.append(rec)
+        for d in [name] + targets_of(dcfg, name):
+            if _done(dcfg, *ZEROSHOT, d, None, 0, name):
+                continue
+            t0 = time.time()
+            tax, cuts = trees.get(d, name)
+            ds = trees.dataset(d)
+            w = zeroshot_classifier(bundle, tax.prompt_names, [ds.template]).to(bundle.device)
+            values = evaluate(w, logit_scale(bundle), Task(dcfg, bundle, ds, None, 0, None), tax, cuts)
+            out.append(_record(dcfg, *ZEROSHOT, d, name, None, 0, values, time.time() - t0))
+            write_record(out[-1])
     return out
 
 
@@ -204,7 +245,7 @@ def _print(records: list[dict]) -> None:
     for r in records:
         m = r["metrics"]
         name = r["method"] + (f"-{r['variant']}" if r["variant"] else "")
-        print(f"{r['dataset']:16s} {name:26s} k{r['shots']} s{r['seed']}  leaf {m['leaf']:6.2f}  "
+        print(f"{r['dataset']:22s} {name:26s} k{r['shots']} s{r['seed']}  leaf {m['leaf']:6.2f}  "
               f"HCA {m['hca']:6.2f}  MTA {m['mta']:6.2f}")
 
 

@@ -90,6 +90,7 @@ class Taxonomy:
         if root == VIRTUAL_ROOT:
             kids[VIRTUAL_ROOT] = roots
         self.root = root
+        self.mapping = {n: parent_of[n] for n in first_class if n in parent_of}  # the pruned child -> parent
 
         names: list[str] = []
         parent: list[int] = []

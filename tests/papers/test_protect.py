@@ -242,23 +242,28 @@ def test_missing_hierarchy_is_a_clear_error(tmp_path, tiny_vit):
 def test_reproduce_smoke_on_toy(tmp_path, tiny_vit):
     tree = tmp_path / "tree.json"
     tree.write_text(json.dumps(TREE))
-    sets = toy_overrides(tmp_path, tiny_vit, {"hierarchy": str(tree), "shots": "[2]", "train.epochs": 2,
-                                              "batch_size": 4, "ablation": "true"})
+    # the hierarchy is given for the source only: the shifted domain (same classes) borrows its tree
+    sets = toy_overrides(tmp_path, tiny_vit, {"hierarchy": f"{{toy: {tree}}}", "shots": "[2]", "train.epochs": 1,
+                                              "batch_size": 8, "ablation": "true"})
     pt_main.main(["reproduce", *sets])
     recs = load_records(paper="protect", protocol="taxonomic")
-    assert sorted((r["method"], r["variant"]) for r in recs) == [
-        ("coop", "protect_baseline"), ("protect", ""), ("protect", "dtl_only"), ("protect", "ncl_only"),
-        ("zeroshot_clip", "single")]
+    runs = [("coop", "protect_baseline"), ("protect", ""), ("protect", "dtl_only"), ("protect", "ncl_only"),
+            ("zeroshot_clip", "single")]
+    for ds in ("toy", "toy_shift"):
+        got = [r for r in recs if r["dataset"] == ds]
+        assert sorted((r["method"], r["variant"]) for r in got) == runs
+        assert all(r["source"] == "toy" for r in got)
     for r in recs:
         m = r["metrics"]
         assert {"leaf", "hca", "mta", "mta_p09", "mta_p01"} <= set(m)
         assert m["hca"] <= m["leaf"] + 1e-9 and 0 <= m["mta"] <= 100
     base = next(r for r in recs if r["method"] == "coop")
     assert base["config"]["lam"] == 0.0 and base["config"]["collapse_p"] == 0.0
-    cuts = json.loads((tmp_path / "runs/protect/taxonomic/embedded/toy/treecuts_25.json").read_text())
-    assert len(cuts["cuts"]) == 25 and cuts["seed"] == 100 and cuts["possible_cuts"] == 6
+    for ds in ("toy", "toy_shift"):
+        cuts = json.loads((tmp_path / f"runs/protect/taxonomic/embedded/{ds}/treecuts_25.json").read_text())
+        assert len(cuts["cuts"]) == 25 and cuts["seed"] == 100 and cuts["possible_cuts"] == 6
     assert not list((tmp_path / "runs").rglob("checkpoint.pt"))
-    # a second run skips finished work and reuses the stored cuts
+    # a second run skips finished work
     mtime = {r["_path"]: Path(r["_path"]).stat().st_mtime for r in recs}
     assert pt_main.main(["eval", *sets]) == []
     assert all(Path(p).stat().st_mtime == t for p, t in mtime.items())
