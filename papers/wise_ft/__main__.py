@@ -1,0 +1,157 @@
+"""WiSE-FT: `python -m papers.wise_ft {train,eval,reproduce,plot}`.
+
+Domain-generalisation protocol of the paper's main figure: fine-tune on the reference set (`dg_source`),
+then evaluate theta(alpha) for every alpha of the grid on the reference test split and on each shifted
+set (`dg_targets`). One run record per (variant, alpha, dataset, seed): variant `e2e_a0.5` is the
+end-to-end fine-tuned model interpolated at alpha = 0.5, `lc_a0.5` the linear-classifier one.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import torch
+
+from common.cli import run_cli
+from common.data import build_dataset, fewshot_split
+from common.engine.evaluate import classification_metrics
+from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_transfer
+from common.engine.runs import load_records
+from common.data.images import build_transform
+from papers.zeroshot_clip.method import templates_for
+
+from .method import (alpha_grid, alpha_name, class_projection, finetune_end_to_end, finetune_linear, interpolate,
+                     load_images, mean_std, predict, state_of, zeroshot_head, zeroshot_model)
+
+SLUG = "wise_ft"
+CONFIG = Path(__file__).with_name("config.yaml")
+PROTOCOL = "domain_generalization"
+KINDS = ("e2e", "lc")
+
+_STATES: dict[tuple, dict] = {}       # fitted endpoints per (kind, source, shots, seed, checkpoint)
+_EVAL_IMAGES: dict[tuple, torch.Tensor] = {}  # decoded test sets (embedded: decoded once, reused per alpha)
+
+
+def _key(cfg: dict, kind: str, task: Task) -> tuple:
+    return (kind, cfg["profile"], task.bundle.checkpoint_id, task.dataset.name, task.shots, task.seed)
+
+
+def _check(cfg: dict) -> None:
+    bad = [k for k in cfg["variants"] if k not in KINDS]
+    if bad:
+        raise ValueError(f"variants must be among {KINDS}, got {bad}")
+
+
+# --------------------------------------------------------------------------------------------- fitting
+def fit(cfg: dict, kind: str, task: Task) -> dict:
+    """theta_0 (zero-shot) and theta_1 (fine-tuned) of one variant on the task's training split."""
+    key = _key(cfg, kind, task)
+    if key in _STATES:
+        return _STATES[key]
+    ds, bundle = task.dataset, task.bundle
+    templates = templates_for(ds, cfg["templates"])
+    out_dir = checkpoint_dir(cfg, SLUG, PROTOCOL, ds.name, SLUG, task.shots, task.seed, kind)
+    if kind == "e2e":
+        zs = zeroshot_model(bundle, ds.classnames, templates)
+        ft = finetune_end_to_end(zs, ds.train, cfg["e2e"], bundle.image_size, *mean_std(bundle), task.seed,
+                                 out_dir, desc=f"wise_ft e2e seed{task.seed}")
+        state = {"module": zs, "theta_0": state_of(zs), "theta_1": state_of(ft)}
+    else:
+        head0 = zeroshot_head(bundle, ds.classnames, templates).to(bundle.device)
+        tr = task.features("train")  # the eval transform, as the official LC (features cached once)
+        head1 = finetune_linear(head0, tr["features"], tr["labels"], cfg["lc"], task.seed, out_dir,
+                                desc=f"wise_ft lc seed{task.seed}")
+        state = {"module": copy.deepcopy(head0), "theta_0": state_of(head0), "theta_1": state_of(head1)}
+    state.update(kind=kind, classnames=list(ds.classnames), alpha=None)
+    _STATES[key] = state
+    return state
+
+
+def _set_alpha(state: dict, alpha: float) -> torch.nn.Module:
+    if state["alpha"] != alpha:
+        state["module"].load_state_dict(interpolate(state["theta_0"], state["theta_1"], alpha))
+        state["alpha"] = alpha
+    return state["module"]
+
+
+def _test_images(cfg: dict, task: Task) -> torch.Tensor | torch.utils.data.DataLoader:
+    b = task.bundle
+    tf = build_transform("test", b.image_size, *mean_std(b))
+    items = task.dataset.test
+    if not cfg["eval_preload"]:  # real sets: stream from disk at every alpha
+        from common.data import ImageListDataset
+        return torch.utils.data.DataLoader(ImageListDataset(items, tf), batch_size=cfg["eval_batch_size"],
+                                           num_workers=cfg["e2e"]["num_workers"])
+    key = (task.dataset.name, b.image_size, len(items), items[0].impath if items else "")
+    if key not in _EVAL_IMAGES:
+        _EVAL_IMAGES[key] = load_images(items, tf, cfg["eval_batch_size"])
+    return _EVAL_IMAGES[key]
+
+
+def evaluate(cfg: dict, kind: str, alpha: float, state: dict, task: Task) -> dict:
+    """Top-1 of theta(alpha) on the task's test split (logits projected onto its classes if a subset)."""
+    module = _set_alpha(state, alpha)
+    labels = torch.tensor([d.label for d in task.dataset.test], dtype=torch.long)
+    if kind == "e2e":
+        logits = predict(module, _test_images(cfg, task), cfg["eval_batch_size"], task.bundle.device)
+    else:
+        with torch.no_grad():
+            logits = module(task.features("test")["features"].to(task.bundle.device)).cpu()
+    proj = class_projection(state["classnames"], task.dataset.classnames)
+    if proj is not None:
+        logits = logits[:, proj]
+    return classification_metrics(logits, labels)
+
+
+# -------------------------------------------------------------------------------------------- commands
+def train(cfg: dict) -> list[dict]:
+    """fine-tune both variants on the reference set for every seed (checkpoints; resumes)"""
+    _check(cfg)
+    bundle = bundle_for(cfg)
+    full = build_dataset(cfg["dg_source"], cfg["data_root"])
+    states = []
+    for seed in cfg["seeds"]:
+        ds = fewshot_split(full, cfg["dg_shots"], seed) if cfg["dg_shots"] else full
+        task = Task(cfg, bundle, ds, cfg["dg_shots"], seed, None)
+        states += [fit(cfg, kind, task) for kind in cfg["variants"]]
+    return states
+
+
+def eval_all(cfg: dict) -> list[dict]:
+    """theta(alpha) on the reference and shifted test sets for every alpha of the grid (trains if needed)"""
+    _check(cfg)
+    records = []
+    for kind in cfg["variants"]:
+        for alpha in alpha_grid(cfg["alpha_step"]):
+            records += run_transfer(cfg, SLUG, SLUG, PROTOCOL, functools.partial(fit, cfg, kind),
+                                    functools.partial(evaluate, cfg, kind, alpha), cfg["dg_source"],
+                                    cfg["dg_targets"], variant=f"{kind}_a{alpha_name(alpha)}",
+                                    shots=cfg["dg_shots"], seeds=cfg["seeds"])
+    return records
+
+
+def plot(cfg: dict) -> Path | None:
+    """the paper's main figure from the run records: reference vs average-shift accuracy along alpha"""
+    from .plot import curve_figure
+    recs = load_records(paper=SLUG, protocol=PROTOCOL, profile=cfg["profile"], backbone=cfg["arch"])
+    out = Path(cfg["figure_dir"]) / f"wiseft_curve_{cfg['profile']}_{cfg['arch']}.png"
+    path = curve_figure(recs, cfg["dg_source"], cfg["dg_targets"], out,
+                        title=f"WiSE-FT, {cfg['arch']} ({cfg['profile']}), source {cfg['dg_source']}")
+    print(path if path else "no WiSE-FT records to plot yet")
+    return path
+
+
+def reproduce(cfg: dict) -> None:
+    """the alpha curves of E2E and LC fine-tuning on the reference set and its shifts, and their figure"""
+    eval_all(cfg)
+    plot(cfg)
+
+
+def main(argv=None):
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_all, "reproduce": reproduce, "plot": plot},
+                   "WiSE-FT: fine-tune zero-shot CLIP (end-to-end or linear head) and interpolate the weights.", argv)
+
+
+if __name__ == "__main__":
+    main()
