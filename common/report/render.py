@@ -252,11 +252,11 @@ class Report:
                     and norm(r["backbone"]) == norm(rep.backbone) and r.get("shots") == rep.shots
                     and norm(r["dataset"]) == norm(rep.dataset)
                     and (not rep.variant or norm(r.get("variant") or "") == norm(rep.variant))]
-            groups = group_records(recs, prefer_paper=self.paper.slug)
-            if len(groups) != 1 or not next(iter(groups.values())).has(next(iter(groups.values())).datasets()[0], rep.metric):
-                unmatched += 1
+            groups = list(group_records(recs, prefer_paper=self.paper.slug).values())
+            if len(groups) != 1 or not groups[0].has(groups[0].datasets()[0], rep.metric):
+                unmatched += 1  # not run, or ambiguous (several variants for a row that names none)
                 continue
-            g = next(iter(groups.values()))
+            g = groups[0]
             m, s, n = g.stat(g.datasets()[0], rep.metric)
             rows.append([rep.method + (f" ({rep.variant})" if rep.variant else ""), rep.backbone,
                          "—" if rep.shots is None else str(rep.shots), rep.dataset, rep.metric,

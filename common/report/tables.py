@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .records import (aggregate, average_cells, dedupe, field_value, metric_of, norm, role, seed_std,
+from .records import (aggregate, average_cells, dedupe, field_value, metric_of, norm, seed_std,
                       _shot_key)
 
 # Metrics shown per protocol, in order (matched with norm(); other metrics are shown when none match).

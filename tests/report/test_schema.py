@@ -94,3 +94,11 @@ def test_load_checks_folder_name_and_yaml(tmp_path):
         load_paper(tmp_path / "other" / "paper.yaml")
     with pytest.raises(FileNotFoundError, match="every paper folder needs a paper.yaml"):
         load_paper(tmp_path / "missing")
+
+
+def test_readme_example_is_a_valid_paper_yaml():
+    import re
+    text = (REPO / "common" / "report" / "README.md").read_text()
+    p = parse_paper(yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1)))
+    assert p.slug == "cocoop" and p.backbone_for("embedded") == "tiny-vit"
+    assert [c.check is None for c in p.claims] == [False, False, False, False, True]
