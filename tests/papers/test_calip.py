@@ -142,7 +142,7 @@ def test_beta_search_grid_and_tie_rule():
 
 
 def test_reproduce_smoke_and_dense_cache(tmp_path, tiny_rn):
-    args = toy_overrides(tmp_path, tiny_rn, {"search.steps": 4, "fs.train.epochs": 1, "shots": "[2]"})
+    args = toy_overrides(tmp_path, tiny_rn, {"search.steps": 4, "fs.train.epochs": 1, "shots": "[2]", "cache_views": 1})
     calip_main.main(["reproduce", *args])
     zs = {r["variant"]: r for r in load_records(protocol="zeroshot", method="calip")}
     assert set(zs) == {"val", "val_b2", "val_b3", "val_wrong_axis", "test_oracle"}  # no paper betas for toy

@@ -117,7 +117,7 @@ def test_gradients_reach_only_the_block(tiny_rn):
 
 def test_reproduce_smoke_alpha_zero_run_equals_zero_shot(tmp_path, tiny_rn):
     args = toy_overrides(tmp_path, tiny_rn, {"train.epochs": 2, "shots": "[1]", "ablation.alphas": "[0.0]",
-                                             "ablation.shots": "[2]", "block.heads": 2})
+                                             "ablation.shots": "[2]", "block.heads": 2, "cache_views": 2})
     vt_main.main(["reproduce", *args])
     main = load_records(protocol="fewshot", method="vt_clip", variant="")
     assert [(r["shots"], r["seed"], r["metrics"]["alpha"]) for r in main] == [(1, 1, 0.5)]
@@ -134,7 +134,7 @@ def test_reproduce_smoke_alpha_zero_run_equals_zero_shot(tmp_path, tiny_rn):
 
 
 def test_alpha_list_is_chosen_on_val(tmp_path, tiny_rn, monkeypatch):
-    args = toy_overrides(tmp_path, tiny_rn, {"train.epochs": 1, "shots": "[2]", "alpha": "[0.0, 0.5]",
+    args = toy_overrides(tmp_path, tiny_rn, {"train.epochs": 1, "shots": "[2]", "alpha": "[0.0, 0.5]", "cache_views": 1,
                                              "block.heads": 2})
     seen = []
     real_top1 = vt_main.top1
