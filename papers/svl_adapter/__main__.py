@@ -1,0 +1,185 @@
+"""SVL-Adapter: `python -m papers.svl_adapter {train,eval,reproduce}`.
+
+train: SimCLR encoder per dataset on its unlabelled train + val images (checkpointed, resumable) and its
+cached features. eval: the low-shot protocol (shots x seeds) with variants `tuned` (SVL-Adapter, lambda
+on the few-shot val images), `conf` (SVL-Adapter*, lambda from CLIP's mean confidence on the unlabelled
+test images) and `ssl` (the SSL classifier alone, lambda = 0); and the zero-shot pseudo-label variant
+`pseudo` (protocol zeroshot). Zero-shot CLIP and the linear probe come from their own runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.cli import run_cli
+from common.clip import logit_scale
+from common.data import Dataset, build_dataset
+from common.engine.cache import cache_key, items_digest
+from common.engine.evaluate import classification_metrics
+from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_fewshot
+from common.engine.runs import run_dir, write_record
+from common.engine.seed import seed_everything
+from papers.zeroshot_clip.method import zeroshot_weights
+
+from .method import clip_logits, confidence_lambda, fit_adapter, fuse, pseudo_labels, tune_lambda
+from .ssl import load_uint8, pretrain_simclr, ssl_features, state_hash
+
+SLUG = "svl_adapter"
+CONFIG = Path(__file__).with_name("config.yaml")
+VARIANTS = ("tuned", "conf", "ssl")
+
+_ENCODERS: dict[tuple, tuple] = {}
+_RESULTS: dict[tuple, dict] = {}
+
+
+def _check(cfg: dict) -> None:
+    bad = [v for v in cfg["variants"] if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"variants must be among {VARIANTS}, got {bad}")
+
+
+# --------------------------------------------------------------------------------------- SSL encoder
+def ssl_pool(full: Dataset, cfg: dict) -> list:
+    """The unlabelled images SimCLR sees: train + val of the dataset (never test), optionally a seeded
+    subset of `ssl.max_images` (embedded budget)."""
+    pool = list(full.train) + list(full.val)
+    cap = cfg["ssl"].get("max_images")
+    if cap and len(pool) > cap:
+        keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(cfg["ssl"]["seed"])))[:cap]
+        pool = [pool[i] for i in sorted(keep.tolist())]
+    return pool
+
+
+def ssl_encoder(cfg: dict, name: str) -> tuple[torch.nn.Module, str]:
+    """The dataset's SimCLR encoder (trained once, checkpointed) and its weights hash."""
+    opts = cfg["ssl"]
+    full = build_dataset(name, cfg["data_root"])
+    pool = ssl_pool(full, cfg)
+    key = cache_key(dataset=name, pool=items_digest(pool), **{k: opts[k] for k in sorted(opts)})
+    if key not in _ENCODERS:
+        out_dir = checkpoint_dir(cfg, SLUG, "ssl", name, "simclr", None, int(opts["seed"]), key[:12])
+        images = _LazyImages(pool, int(opts["load_size"]))
+        model = pretrain_simclr(images, opts, int(opts["seed"]), out_dir, cfg.get("device", "cpu"),
+                                desc=f"simclr {name}")
+        _ENCODERS[key] = (model.encoder, state_hash(model.encoder))
+    return _ENCODERS[key]
+
+
+class _LazyImages:
+    """The SSL pool decoded on first use (a finished, checkpointed pretraining never decodes it)."""
+
+    def __init__(self, items, size):
+        self.items, self.size, self._x = items, size, None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, idx):
+        if self._x is None:
+            self._x = load_uint8(self.items, self.size)
+        return self._x[idx]
+
+
+def _ssl_feats(cfg: dict, name: str, split: str, items) -> dict:
+    enc, enc_id = ssl_encoder(cfg, name)
+    return ssl_features(enc, name, split, items, int(cfg["ssl"]["res"]), encoder_id=enc_id)
+
+
+def _clip_test(cfg: dict, task: Task, split: str, items=None) -> torch.Tensor:
+    w = zeroshot_weights(task.bundle, task.dataset, cfg["clip_template"])
+    return clip_logits(task.features(split, items=items)["features"], w, logit_scale(task.bundle))
+
+
+# -------------------------------------------------------------------------------------------- few-shot
+def fit_eval_all(cfg: dict, task: Task) -> dict[str, dict]:
+    """Train the adapter once on the task's K-shot features and score every variant."""
+    key = (cfg["profile"], task.dataset.name, task.shots, task.seed, task.bundle.checkpoint_id)
+    if key in _RESULTS:
+        return _RESULTS[key]
+    ds = task.dataset
+    tr = _ssl_feats(cfg, ds.name, "train", ds.train)
+    va = _ssl_feats(cfg, ds.name, "val", ds.val)
+    te = _ssl_feats(cfg, ds.name, "test", ds.test)
+    adapter = fit_adapter(tr["features"], tr["labels"], ds.num_classes, cfg["adapter"], task.seed,
+                          desc=f"svl adapter {ds.name} k{task.shots}")
+    with torch.no_grad():
+        ssl_val, ssl_test = adapter(va["features"]), adapter(te["features"])
+    clip_val, clip_test = _clip_test(cfg, task, "val"), _clip_test(cfg, task, "test")
+    lams = {"tuned": tune_lambda(clip_val, ssl_val, va["labels"], cfg["lambda_step"], cfg["fusion"]),
+            "conf": confidence_lambda(clip_test), "ssl": 0.0}
+    out = {}
+    for variant, lam in lams.items():
+        m = classification_metrics(fuse(clip_test, ssl_test, lam, cfg["fusion"]), te["labels"])
+        out[variant] = {**m, "lambda": lam}
+    _RESULTS[key] = out
+    return out
+
+
+def train(cfg: dict) -> list[str]:
+    """SimCLR-pretrain the SSL encoder of every dataset and cache its train/val/test features"""
+    done = []
+    for name in cfg["datasets"]:
+        full = build_dataset(name, cfg["data_root"])
+        for split in ("train", "val", "test"):
+            _ssl_feats(cfg, name, split, full.split(split))
+        done.append(name)
+    return done
+
+
+def evaluate(cfg: dict) -> list[dict]:
+    """low-shot protocol (shots x seeds) for each variant, and the zero-shot pseudo-label variant"""
+    _check(cfg)
+    records = []
+    for variant in cfg["variants"]:
+        records += run_fewshot(cfg, SLUG, SLUG, lambda task, v=variant: fit_eval_all(cfg, task)[v], variant=variant)
+    if cfg["pseudo_label"]["enabled"]:
+        records += pseudo_label_runs(cfg)
+    return records
+
+
+def pseudo_label_runs(cfg: dict) -> list[dict]:
+    """Zero-shot SVL-Adapter*: adapter trained on CLIP's most confident pseudo-labels of the unlabelled
+    train split, fused with lambda from CLIP's confidence on the test images."""
+    bundle = bundle_for(cfg)
+    out = []
+    for name in cfg["datasets"]:
+        for seed in cfg["seeds"]:
+            rd = run_dir(SLUG, "zeroshot", cfg["profile"], name, cfg["arch"], SLUG, None, seed, "pseudo")
+            if (rd / "metrics.json").is_file() and not cfg.get("force", False):
+                continue
+            seed_everything(seed)
+            full = build_dataset(name, cfg["data_root"])
+            task = Task(cfg, bundle, full, None, seed, None)
+            idx, lab = pseudo_labels(_clip_test(cfg, task, "train"), int(cfg["pseudo_label"]["per_class"]))
+            feats = _ssl_feats(cfg, name, "train", full.train)["features"][idx]
+            adapter = fit_adapter(feats, lab, full.num_classes, cfg["adapter"], seed, desc=f"svl pseudo {name}")
+            te = _ssl_feats(cfg, name, "test", full.test)
+            clip_test = _clip_test(cfg, task, "test")
+            lam = confidence_lambda(clip_test)
+            with torch.no_grad():
+                m = classification_metrics(fuse(clip_test, adapter(te["features"]), lam, cfg["fusion"]), te["labels"])
+            pseudo_acc = float((lab == torch.tensor([full.train[i].label for i in idx.tolist()])).float().mean() * 100)
+            rec = {"paper": SLUG, "method": SLUG, "variant": "pseudo", "profile": cfg["profile"],
+                   "protocol": "zeroshot", "dataset": name, "backbone": cfg["arch"], "shots": None, "seed": seed,
+                   "metrics": {**m, "lambda": lam, "pseudo_label_acc": pseudo_acc, "n_pseudo": float(len(idx))},
+                   "config": cfg}
+            write_record(rec)
+            out.append(rec)
+    return out
+
+
+def reproduce(cfg: dict) -> None:
+    """SSL pretraining per dataset, then the low-shot and zero-shot (pseudo-label) evaluations"""
+    train(cfg)
+    evaluate(cfg)
+
+
+def main(argv=None):
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate, "reproduce": reproduce},
+                   "SVL-Adapter: SimCLR encoder on the target images + few-shot adapter, blended with zero-shot CLIP.",
+                   argv)
+
+
+if __name__ == "__main__":
+    main()

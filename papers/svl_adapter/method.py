@@ -1,0 +1,134 @@
+"""SVL-Adapter (Pantazis et al., BMVC 2022): a classifier on a self-supervised encoder's features,
+blended with zero-shot CLIP.
+
+    p(y | x) = lambda * p_clip(y | x) + (1 - lambda) * p_ssl(y | x)
+
+p_clip = softmax(exp(logit_scale) * cos(f_clip(x), w_y)) with one hand-written template per dataset;
+p_ssl = softmax(A(h(x))), A = Linear-ReLU-Linear (hidden 256) trained with cross-entropy on the K-shot
+labelled features of the frozen SSL encoder h (`ssl.py`). lambda is chosen
+- on the few labelled validation images (SVL-Adapter): grid 0, 0.05, ..., 1, first strict maximiser
+  scanning from the CLIP side, so ties keep more CLIP (the official loop over alpha = 1 - lambda);
+- without labels (SVL-Adapter*): lambda = mean over the unlabelled test images of CLIP's max class
+  probability, i.e. the official alpha = 1 - mean confidence on the SSL branch.
+`space="logit"` blends logits instead (what the official script computes: alpha * adapter logits +
+(1 - alpha) * 100-scaled CLIP logits).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.engine import TrainConfig, Trainer, index_batches
+
+SPACES = ("prob", "logit")
+
+
+class AdapterMLP(nn.Module):
+    """A(h) = W2 ReLU(W1 h + b1) + b2 (the official `AdapterMLP`); hidden=0 gives a linear classifier."""
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: int = 256):
+        super().__init__()
+        self.net = (nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+                    if hidden else nn.Linear(in_dim, num_classes))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+def fit_adapter(features: torch.Tensor, labels: torch.Tensor, num_classes: int, opts: dict, seed: int,
+                out_dir=None, desc: str = "svl adapter") -> AdapterMLP:
+    """Cross-entropy on frozen SSL features with Adam (official: lr 1e-3, 50 epochs, batch 32, no schedule)."""
+    if len(features) != len(labels) or len(features) == 0:
+        raise ValueError(f"adapter needs matching non-empty features/labels, got {len(features)} and {len(labels)}")
+    torch.manual_seed(seed)  # the initial weights
+    adapter = AdapterMLP(features.shape[1], num_classes, int(opts["hidden"]))
+    x, y = features.float(), labels.long()
+    bs = int(opts["batch_size"])
+    cfg = TrainConfig(epochs=int(opts["epochs"]), lr=float(opts["lr"]), optimizer="adam",
+                      weight_decay=float(opts.get("weight_decay", 0.0)), warmup_epochs=0, schedule="constant",
+                      seed=seed)
+
+    def step(idx):
+        return F.cross_entropy(adapter(x[idx]), y[idx])
+
+    Trainer(adapter, cfg, out_dir, desc=desc).fit(step, lambda epoch: index_batches(len(x), bs, seed, epoch))
+    for p in adapter.parameters():
+        p.requires_grad_(False)
+    return adapter.eval()
+
+
+def clip_logits(image_features: torch.Tensor, class_weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """Zero-shot CLIP: scale * cos(image, class text)."""
+    return scale * F.normalize(image_features.float(), dim=-1) @ F.normalize(class_weights.float(), dim=-1).t()
+
+
+def fuse(clip: torch.Tensor, ssl: torch.Tensor, lam: float, space: str = "prob") -> torch.Tensor:
+    """lambda * CLIP + (1 - lambda) * SSL, on probabilities (the paper) or on logits (official script)."""
+    if space not in SPACES:
+        raise ValueError(f"fusion space must be one of {SPACES}, got {space!r}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    if clip.shape != ssl.shape:
+        raise ValueError(f"CLIP scores {tuple(clip.shape)} and SSL scores {tuple(ssl.shape)} differ in shape")
+    if space == "prob":
+        clip, ssl = clip.softmax(-1), ssl.softmax(-1)
+    return lam * clip + (1.0 - lam) * ssl
+
+
+def confidence_lambda(clip: torch.Tensor) -> float:
+    """SVL-Adapter*'s label-free lambda: mean over images of the largest CLIP class probability."""
+    if clip.dim() != 2 or len(clip) == 0:
+        raise ValueError(f"need (N, K) CLIP logits of the unlabelled images, got shape {tuple(clip.shape)}")
+    return float(clip.float().softmax(-1).max(-1).values.mean())
+
+
+def lambda_grid(step: float = 0.05) -> list[float]:
+    """1, 1 - step, ..., 0: CLIP side first (the official loop runs alpha = 1 - lambda upward from 0)."""
+    n = round(1 / step)
+    if n < 1 or abs(n * step - 1) > 1e-9:
+        raise ValueError(f"lambda step {step} does not divide [0, 1] evenly")
+    return [1.0 - i / n for i in range(n + 1)]
+
+
+def tune_lambda(clip: torch.Tensor, ssl: torch.Tensor, labels: torch.Tensor, step: float = 0.05,
+                space: str = "prob") -> float:
+    """lambda with the best accuracy on the labelled validation images; a value replaces the current
+    best only if strictly better, so ties keep the larger lambda (and all-wrong keeps lambda = 1)."""
+    if len(labels) == 0:
+        raise ValueError("tuning lambda needs labelled validation images (use the confidence rule without them)")
+    best, best_acc = 1.0, 0.0
+    for lam in lambda_grid(step):
+        acc = float((fuse(clip, ssl, lam, space).argmax(-1) == labels).float().mean())
+        if acc > best_acc:
+            best, best_acc = lam, acc
+    return best
+
+
+def pseudo_labels(clip: torch.Tensor, per_class: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-shot variant: the `per_class` most confident images of each CLIP-predicted class, labelled
+    with that class; a class CLIP never predicts gets its single most probable remaining image
+    (official `generate_clip_pseudolabels.py`). Returns (image indices, pseudo labels)."""
+    probs = clip.float().softmax(-1)
+    conf, pred = probs.max(-1)
+    idx, lab = [], []
+    for c in range(probs.shape[1]):
+        members = (pred == c).nonzero().flatten()
+        if len(members):
+            top = members[conf[members].argsort(descending=True)[:per_class]]
+            idx.append(top)
+            lab.append(torch.full_like(top, c))
+    taken = torch.zeros(len(probs), dtype=torch.bool)
+    if idx:
+        taken[torch.cat(idx)] = True
+    for c in sorted(set(range(probs.shape[1])) - set(pred.tolist())):
+        score = probs[:, c].masked_fill(taken, -1.0)
+        i = int(score.argmax())
+        if score[i] < 0:
+            continue  # fewer images than classes: nothing left to give this class
+        taken[i] = True
+        idx.append(torch.tensor([i]))
+        lab.append(torch.tensor([c]))
+    if not idx:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.cat(idx), torch.cat(lab)
