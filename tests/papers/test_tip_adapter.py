@@ -141,7 +141,7 @@ def test_target_classes_must_be_source_classes():
 
 def test_reproduce_smoke(tmp_path, tiny_rn):
     fig = tmp_path / "heat.png"
-    args = toy_overrides(tmp_path, tiny_rn, {"shots": "[1]", "cache_views": 2, "train.epochs": 2,
+    args = toy_overrides(tmp_path, tiny_rn, {"shots": "[1]", "cache_views": 2, "train.epochs": 2, "dg_shots": 1,
                                              "search_step": "[10, 5]", "figure": str(fig)})
     tip.main(["reproduce", *args])
     few = load_records(protocol="fewshot", method="tip_adapter")

@@ -1,0 +1,103 @@
+"""CLIP-Adapter: `python -m papers.clip_adapter {train,eval,reproduce}`.
+
+Run records: method `clip_adapter`; variant "" is the configured adapter (visual, ratio 0.2: the released
+code); the ablation variants of `ablations` (other branches / residual ratios) run at `ablation_shots`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.cli import run_cli
+from common.clip import logit_scale
+from common.engine import TrainConfig, classification_metrics
+from common.engine.protocols import Task, run_fewshot, run_transfer
+
+from .method import ClipAdapter, raw_text_features, train_on_views
+
+SLUG = "clip_adapter"
+CONFIG = Path(__file__).with_name("config.yaml")
+SETTINGS = ("branch", "ratio", "text_ratio", "reduction")
+
+
+def settings(cfg: dict, variant: str) -> dict:
+    base = {k: cfg.get(k) for k in SETTINGS}
+    if variant:
+        over = cfg["ablations"][variant]
+        unknown = set(over) - set(SETTINGS)
+        if unknown:
+            raise ValueError(f"ablations.{variant}: unknown keys {sorted(unknown)}; allowed {list(SETTINGS)}")
+        base.update(over)
+    return base
+
+
+def text_features(task: Task) -> torch.Tensor:
+    """Unnormalised class text features from the dataset's hand-crafted template (CLIP-Adapter's `TextEncoder`)."""
+    return raw_text_features(task.bundle, task.dataset.classnames, [task.dataset.template])
+
+
+def train_views(task: Task) -> tuple[list[torch.Tensor], torch.Tensor]:
+    n = int(task.cfg["cache_views"])
+    if n < 1:
+        raise ValueError(f"cache_views must be >= 1, got {n}")
+    tf = task.cfg["train_transform"]
+    views = [task.features("train", transform=tf, view=v)["features"] for v in range(n)]
+    return views, task.features("train", transform=tf, view=0)["labels"]
+
+
+def fit(task: Task, variant: str = "") -> ClipAdapter:
+    s = settings(task.cfg, variant)
+    model = ClipAdapter(text_features(task), logit_scale(task.bundle), s["branch"], s["ratio"], s["text_ratio"],
+                        s["reduction"])
+    views, labels = train_views(task)
+    tcfg = TrainConfig.from_dict({**task.cfg["train"], "seed": task.seed})
+    train_on_views(model, views, labels, tcfg, int(task.cfg["batch_size"]), task.out_dir,
+                   desc=f"clip_adapter{'-' + variant if variant else ''} {task.dataset.name} k{task.shots}",
+                   threads=task.cfg.get("threads"))
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: ClipAdapter, task: Task) -> dict:
+    """Top-1 on the task's test split with the task's own class names (a shifted target's classes)."""
+    te = task.features("test")
+    model.eval()
+    return classification_metrics(model(te["features"], text_features(task)), te["labels"])
+
+
+def _fit_eval(variant: str):
+    return lambda task: evaluate(fit(task, variant), task)
+
+
+def train(cfg: dict) -> list[dict]:
+    """few-shot CLIP-Adapter on every dataset x shots x seeds, plus the ablation variants at ablation_shots"""
+    out = run_fewshot(cfg, SLUG, SLUG, _fit_eval(""))
+    shots = [k for k in cfg["ablation_shots"] if k in cfg["shots"]]
+    for variant in cfg["ablations"]:
+        if shots:
+            out += run_fewshot(cfg, SLUG, SLUG, _fit_eval(variant), variant=variant, shots=shots)
+    return out
+
+
+def evaluate_cmd(cfg: dict) -> list[dict]:
+    """same as train: adapters are trained and tested in one go on cached features"""
+    return train(cfg)
+
+
+def reproduce(cfg: dict) -> None:
+    """few-shot curves and ablations on every dataset, and the domain-generalisation rows (16-shot source ->
+    shifted sets) that Tip-Adapter reports for CLIP-Adapter"""
+    train(cfg)
+    run_transfer(cfg, SLUG, SLUG, "domain_generalization", fit, evaluate, cfg["dg_source"], cfg["dg_targets"],
+                 shots=int(cfg["dg_shots"]))
+
+
+def main(argv=None):
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce},
+                   "CLIP-Adapter: residual bottleneck adapters on frozen CLIP features (trained on cached "
+                   "augmented features).", argv)
+
+
+if __name__ == "__main__":
+    main()
