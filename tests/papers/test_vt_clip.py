@@ -134,8 +134,8 @@ def test_reproduce_smoke_alpha_zero_run_equals_zero_shot(tmp_path, tiny_rn):
 
 
 def test_alpha_list_is_chosen_on_val(tmp_path, tiny_rn, monkeypatch):
-    args = toy_overrides(tmp_path, tiny_rn, {"train.epochs": 1, "shots": "[2]", "alpha": "[0.0, 0.5]", "cache_views": 1,
-                                             "block.heads": 2})
+    args = toy_overrides(tmp_path, tiny_rn, {"train.epochs": 1, "shots": "[2]", "alpha": "[0.0, 0.5]",
+                                             "cache_views": 1, "block.heads": 2})
     seen = []
     real_top1 = vt_main.top1
 
