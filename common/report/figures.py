@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .tables import Group, dataset_order  # noqa: E402
+from .tables import Group, dataset_order, metric_title  # noqa: E402
 
 DPI = 100
 STYLE = {"font.size": 8, "axes.titlesize": 9, "legend.fontsize": 7, "figure.dpi": DPI,
@@ -81,7 +81,7 @@ def fewshot_figure(fewshot: Sequence[Group], zeroshot: Sequence[Group], metric: 
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_title(panel if panel != "Average" else f"Average ({len(common)} datasets)")
             ax.set_xlabel("shots per class")
-            ax.set_ylabel(metric)
+            ax.set_ylabel(metric_title(metric))
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
@@ -122,7 +122,7 @@ def shift_figure(groups: Sequence[Group], metric: str, title: str, path: Path) -
     stats = [[g.stat(d, metric)[:2] if g.has(d, metric) else (None, None) for d in datasets] for g in groups]
     return grouped_bars([g.key.label() for g in groups], [d + (" (source)" if d in sources else "") for d in datasets],
                         [[s[0] for s in row] for row in stats], [[s[1] for s in row] for row in stats],
-                        title, metric, path)
+                        title, metric_title(metric), path)
 
 
 def curve_figure(curves: dict[str, list[tuple]], refs: dict[str, float], title: str, ylabel: str,
@@ -132,7 +132,7 @@ def curve_figure(curves: dict[str, list[tuple]], refs: dict[str, float], title: 
         return None
     colors = plt.get_cmap("tab10").colors
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(5.0, 3.6))
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for i, (label, pts) in enumerate(sorted(curves.items())):
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=_err([p[2] for p in pts]), marker="o",
                         ms=3, lw=1.2, capsize=2, color=colors[i % 10], label=label)

@@ -241,7 +241,7 @@ class Leaderboard:
             header = [header[0]] + header[2:]
             rows = [(r[0], [r[1][0]] + r[1][2:]) for r in rows]
         self.figure_specs.append(("curve", f"fewshot_{bb}", curves, refs,
-                                  f"Few-shot average over {len(datasets)} datasets, {bb}", metric))
+                                  f"Few-shot average over {len(datasets)} datasets, {bb}", metric_title(metric)))
         return header, rows
 
     def _base2novel(self, bb, listed, grid, cells):
@@ -279,7 +279,7 @@ class Leaderboard:
             rows.append((tgt[0], [label, fmt_pm(*src)] + [fmt_pm(*p) for p in per] + [fmt_pm(*tgt)]))
         self.figure_specs.append(("bars", f"{proto}_{bb}", [e.label() for e in listed],
                                   ["source"] + show + ["target avg"], vals,
-                                  f"{proto.replace('_', ' ')}, {bb}", metric))
+                                  f"{proto.replace('_', ' ')}, {bb}", metric_title(metric)))
         return header, rows
 
     def _generic(self, proto, bb, metric, listed, grid, cells):
