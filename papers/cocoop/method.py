@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from common.clip import ClipBundle, logit_scale
 from common.engine import Trainer, classification_metrics
 from common.engine.protocols import Task
-from papers.coop.method import PromptLearner, encode_prompts, feature_batches, train_config, train_views
+from common.engine.threads import torch_threads
+from papers.coop.method import PromptLearner, encode_prompts, feature_batches, option, train_config, train_views
 
 
 class CoCoOpPromptLearner(PromptLearner):
@@ -95,7 +96,8 @@ def train_cocoop(task: Task, cfg: dict, learner: CoCoOpPromptLearner | None = No
         loss, logits = cocoop_loss(learner, x, y, scale)
         return loss, {"acc": float((logits.argmax(-1) == y).float().mean()) * 100}
 
-    trainer.fit(step, feature_batches(feats, labels, int(cfg.get("batch_size") or 1), tcfg.seed))
+    with torch_threads(option(cfg, "threads")):  # small per-step ops: extra threads only synchronise
+        trainer.fit(step, feature_batches(feats, labels, int(cfg.get("batch_size") or 1), tcfg.seed))
     return learner
 
 
@@ -106,7 +108,8 @@ def evaluate(learner: CoCoOpPromptLearner, task: Task, split: str = "test") -> d
     was = target.training
     target.eval()
     feats = task.features(split)
-    logits = target.logits(feats["features"].to(task.bundle.device), logit_scale(task.bundle),
-                           max_prompts=int(task.cfg.get("eval_max_prompts") or 4096), progress=True)
+    with torch_threads(option(task.cfg, "threads")):
+        logits = target.logits(feats["features"].to(task.bundle.device), logit_scale(task.bundle),
+                               max_prompts=int(task.cfg.get("eval_max_prompts") or 4096), progress=True)
     target.train(was)
     return classification_metrics(logits.cpu(), feats["labels"])

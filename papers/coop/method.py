@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from common.clip import ClipBundle, PromptTextEncoder, logit_scale, tokenize
 from common.engine import TrainConfig, Trainer, index_batches, items_digest
 from common.engine.protocols import Task, eval_classifier
+from common.engine.threads import torch_threads
 
 POSITIONS = ("end", "middle", "front")
 PROMPT_FILE = "prompt.pt"   # learned prompt kept in each run's checkpoint folder
@@ -180,7 +181,7 @@ def coop_logits(image_features: torch.Tensor, class_embeddings: torch.Tensor, lo
 DEFAULTS: dict[str, Any] = {
     "n_ctx": 16, "ctx_init": "", "csc": False, "class_token_position": "end", "batch_size": 32,
     "epochs": None, "epochs_by_shots": {"1": 50, "2": 100, "4": 100, "8": 200, "16": 200}, "epochs_by_dataset": {},
-    "cache_views": 1, "eval_chunk": 1024,
+    "cache_views": 1, "eval_chunk": 1024, "threads": 1,
     "train": {"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1,
               "warmup_lr": 1e-5, "warmup_type": "constant", "schedule": "cosine", "schedule_unit": "epoch"},
 }
@@ -255,7 +256,8 @@ def train_coop(task: Task, cfg: dict, learner: PromptLearner | None = None, loss
     """Train CoOp's context on `task` (its few-shot train split) and return the learner.
 
     Reads from `cfg` (official CoOp values when absent): n_ctx, ctx_init, csc, class_token_position,
-    batch_size, epochs / epochs_by_shots / epochs_by_dataset, cache_views, train (TrainConfig fields).
+    batch_size, epochs / epochs_by_shots / epochs_by_dataset, cache_views, train (TrainConfig fields),
+    threads (intra-op threads while training; 0 = unchanged).
     `loss_fn(learner, logits, labels, class_embeddings) -> loss | (loss, logs)` replaces cross-entropy
     (papers that add a regulariser to CoOp use it). Checkpoints go to `task.out_dir` (exact resume)."""
     learner = learner if learner is not None else build_learner(task.bundle, task.dataset.classnames, cfg)
@@ -274,7 +276,8 @@ def train_coop(task: Task, cfg: dict, learner: PromptLearner | None = None, loss
         loss, logs = out if isinstance(out, tuple) else (out, {})
         return loss, {"acc": float((logits.argmax(-1) == y).float().mean()) * 100, **logs}
 
-    trainer.fit(step, feature_batches(feats, labels, int(option(cfg, "batch_size")), tcfg.seed))
+    with torch_threads(option(cfg, "threads")):  # tiny per-step ops: extra threads only synchronise
+        trainer.fit(step, feature_batches(feats, labels, int(option(cfg, "batch_size")), tcfg.seed))
     return learner
 
 
