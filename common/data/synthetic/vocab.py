@@ -8,7 +8,7 @@ detail, 0 = cut a hole.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # --------------------------------------------------------------------------------------------- geometry
 
@@ -28,6 +28,14 @@ def star(n: int, r_out: float = 0.95, r_in: float = 0.4, rot: float = -math.pi /
 
 def arc(cx, cy, rx, ry, a0, a1, n=24):
     return [(cx + rx * math.cos(a0 + (a1 - a0) * i / n), cy + ry * math.sin(a0 + (a1 - a0) * i / n)) for i in range(n + 1)]
+
+
+def lens(half_len, half_width, rot=0.0, n=24):
+    """A pointed leaf outline (two arcs meeting at sharp tips)."""
+    ts = [-1 + 2 * i / n for i in range(n + 1)]
+    pts = [(half_len * t, -half_width * (1 - t * t)) for t in ts] + [(half_len * t, half_width * (1 - t * t)) for t in reversed(ts[1:-1])]
+    c, s = math.cos(rot), math.sin(rot)
+    return [(c * x - s * y, s * x + c * y) for x, y in pts]
 
 
 def heart(n=48):
@@ -124,8 +132,7 @@ KINDS: list[Kind] = [
     _k("flower", "plant", [E(0, -.5, .28, .42), E(.47, -.15, .42, .28), E(-.47, -.15, .42, .28), E(.3, .4, .33, .33), E(-.3, .4, .33, .33),
                            E(0, 0, .28, .28, role=2)], secondary=YELLOW,
        descriptors=("petals around a centre", "a yellow middle", "a round blossom")),
-    _k("leaf", "plant", [poly(arc(0, .55, .75, 1.4, -math.pi * .93, -math.pi * .07) + arc(0, -.55, .75, 1.4, math.pi * .07, math.pi * .93)),
-                         line([(-.7, .55), (.7, -.55)], .08)],
+    _k("leaf", "plant", [poly(lens(.95, .5, rot=-math.pi / 4)), line([(-.62, .62), (.62, -.62)], .07), line([(-.62, .62), (-.85, .85)], .07)],
        descriptors=("a pointed oval outline", "a vein down the middle", "a thin flat blade")),
     _k("mushroom", "plant", [R(-.22, -.05, .22, .9, role=2), poly(arc(0, .05, .95, .95, math.pi, 2 * math.pi))], secondary=BEIGE,
        descriptors=("a dome-shaped cap", "a thick pale stem", "grows on the ground")),
@@ -361,5 +368,3 @@ def hierarchy(leaves: list[str]) -> dict[str, str]:
         tree[PARENT_OF_CATEGORY[cat]] = TOP_PARENT
     return tree
 
-
-__all__ = [n for n in dir() if not n.startswith("_")] + ["field"]

@@ -1,0 +1,249 @@
+"""Contrastive pretraining of the embedded tiny CLIPs on the synthetic world (CPU, minutes).
+
+    python -m common.data.synthetic.pretrain --arch tiny-rn --out data/embedded/checkpoints/tiny-rn.pt
+    python -m common.data.synthetic.pretrain --arch tiny-vit --out data/embedded/checkpoints/tiny-vit.pt \\
+        --teacher data/embedded/checkpoints/tiny-rn.pt
+
+A pool of scenes is rendered once (vectorised), then every step draws a batch from it and writes fresh
+captions for it, so the same image is seen with different descriptions. Loss: open_clip's `ClipLoss`
+(symmetric InfoNCE); the ViT recipe adds feature distillation from the ResNet (cosine between the
+student's and the teacher's image embeddings) and starts from the teacher's text tower, because a
+small ViT learns shape an order of magnitude slower than a ResNet on a CPU budget. The checkpoint is
+written with `save_clip_checkpoint`, i.e. `load_clip(arch, path)` reads it; a JSON log sits beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.clip.loader import load_clip, save_clip_checkpoint
+from common.data.images import OPENAI_MEAN, OPENAI_STD
+
+from .captions import CaptionStyle, captions
+from .render import render
+from .world import Distribution, SceneInfo, sample_scenes
+
+# Defaults per architecture (params.yaml `pretrain:` passes the same keys explicitly).
+DEFAULTS = {
+    "tiny-rn": dict(steps=700, batch=256, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0),
+    "tiny-vit": dict(steps=1500, batch=256, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=1, distill=1.0),
+}
+RENDER_CHUNK = 512
+
+
+def render_pool(n: int, seed: int, dist: Distribution = Distribution(), size: int = 64, progress: bool = True):
+    """n scenes as uint8 (n, size, size, 3) and their SceneInfos; chunk c uses the rng seeded (seed, c)."""
+    images = np.empty((n, size, size, 3), np.uint8)
+    infos: list[SceneInfo] = []
+    chunks = range(0, n, RENDER_CHUNK)
+    for c, start in enumerate(tqdm(chunks, desc="render pool", disable=not progress, unit="chunk")):
+        rng = np.random.default_rng([seed, c])
+        m = min(RENDER_CHUNK, n - start)
+        spec, inf = sample_scenes(rng, m, dist, size)
+        images[start:start + m] = render(spec, rng, size)
+        infos.extend(inf)
+    return images, infos
+
+
+def to_model_input(images: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, S, S) as the CLIP eval transform makes it."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def bf16_supported() -> bool:
+    """bf16 autocast pays off on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is emulated."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # pragma: no cover
+        return False
+    if "AVX512" not in cap:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:  # pragma: no cover
+        return False
+
+
+def param_groups(model: torch.nn.Module, wd: float):
+    """open_clip's split: no weight decay on gains, biases, norms and the logit scale."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n) else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+
+
+def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * lr * (1 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def quick_zero_shot(model, tokenizer, image_size: int, seed: int = 12345, n: int = 512) -> dict[str, float]:
+    """Progress check on fresh photo-style single objects: object-name and colour zero-shot accuracy."""
+    from .vocab import COLOURS, KINDS
+    from .world import ALL_KINDS
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(ALL_KINDS, n)
+    basic = [i for i, c in enumerate(COLOURS) if c.basic == c.name]
+    colours = rng.choice(basic, n)
+    spec, _ = sample_scenes(rng, n, Distribution(), 64, fixed={"kind": kinds, "style": np.zeros(n, int), "colour": colours,
+                                                                  "count": np.ones(n, int)})
+    imgs = render(spec, rng, 64)
+    model.eval()
+    feats = F.normalize(model.encode_image(to_model_input(imgs, image_size)), dim=-1)
+    out = {}
+    for name, labels, classes, tmpl in (("object", kinds, [k.name for k in KINDS], "a photo of a {}."),
+                                        ("colour", np.searchsorted(basic, colours), [COLOURS[i].name for i in basic], "a photo of a {} object.")):
+        t = F.normalize(model.encode_text(tokenizer([tmpl.format(c) for c in classes])), dim=-1)
+        out[name] = float(((feats @ t.T).argmax(1).numpy() == labels).mean())
+    model.train()
+    return out
+
+
+def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bool = False, teacher=None,
+               x_teacher: torch.Tensor | None = None, distill: float = 0.0) -> float:
+    """One optimiser step of the contrastive loss (+ distill x cosine distance to the teacher's image
+    embedding). Returns the loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        fi = F.normalize(model.encode_image(x).float(), dim=-1)
+        ft = F.normalize(model.encode_text(tok).float(), dim=-1)
+        loss = loss_fn(fi, ft, model.logit_scale.exp())
+        if teacher is not None and distill > 0:
+            with torch.no_grad():
+                f_teacher = F.normalize(teacher.encode_image(x_teacher).float(), dim=-1)
+            loss = loss + distill * (1 - (fi * f_teacher).sum(-1)).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return float(loss)
+
+
+def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: float, warmup: int, pool: int, seed: int,
+             distill: float = 0.0, teacher: str | None = None, dist: Distribution = Distribution(),
+             cstyle: CaptionStyle = CaptionStyle(), threads: int = 2, amp: str = "auto", eval_every: int = 0,
+             progress: bool = True) -> dict:
+    """Train `arch` from scratch and save it to `out`. Returns the training log (also written to out.json)."""
+    t_start = time.time()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = load_clip(arch, "random")
+    model, tokenizer, image_size = bundle.model, bundle.tokenizer, bundle.image_size
+    use_bf16 = bf16_supported() if amp == "auto" else amp == "bf16"
+
+    teacher_model = None
+    teacher = None if teacher in (None, "", "none") else teacher
+    if distill > 0 or teacher:
+        if not teacher:
+            raise ValueError(f"{arch}: distill={distill} needs --teacher (a tiny-rn checkpoint)")
+        tb = load_clip("tiny-rn", teacher)
+        teacher_model = tb.model.eval()
+        # start from the teacher's text tower when the shapes agree (same text config)
+        t_sd = {k: v for k, v in teacher_model.state_dict().items() if not k.startswith("visual.")}
+        own = model.state_dict()
+        same = {k: v for k, v in t_sd.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(same, strict=False)
+        if tb.image_size != 64:
+            raise ValueError("the teacher must read 64 px images")
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if not bundle.is_vit:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = open_clip.ClipLoss()
+
+    t0 = time.time()
+    images, infos = render_pool(pool, seed, dist, 64, progress)
+    t_render = time.time() - t0
+    rng = np.random.default_rng([seed, 999])
+    order = rng.permutation(pool)
+    cursor = 0
+    log = {"arch": arch, "steps": steps, "batch": batch, "lr": lr, "wd": wd, "warmup": warmup, "pool": pool, "seed": seed,
+           "distill": distill, "teacher": str(teacher) if teacher else None, "bf16": use_bf16, "render_s": round(t_render, 1),
+           "distribution": asdict(dist), "caption_style": asdict(cstyle), "loss": [], "evals": []}
+    bar = tqdm(range(steps), desc=f"pretrain {arch}", disable=not progress)
+    t_train = time.time()
+    for step in bar:
+        if cursor + batch > pool:
+            order, cursor = rng.permutation(pool), 0
+        idx = np.sort(order[cursor:cursor + batch])
+        cursor += batch
+        texts = captions([infos[i] for i in idx], seed * 1_000_003 + step, cstyle)
+        x = to_model_input(images[idx], image_size)
+        if not bundle.is_vit:
+            x = x.contiguous(memory_format=torch.channels_last)
+        tok = tokenizer(texts)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, warmup, lr)
+        x_teacher = None
+        if teacher_model is not None:
+            x_teacher = to_model_input(images[idx], 64).contiguous(memory_format=torch.channels_last)
+        loss = train_step(model, opt, loss_fn, x, tok, use_bf16, teacher_model, x_teacher, distill)
+        log["loss"].append(round(float(loss), 4))
+        bar.set_postfix(loss=f"{loss:.3f}", scale=f"{float(model.logit_scale.exp()):.1f}")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            ev = quick_zero_shot(model, tokenizer, image_size)
+            log["evals"].append({"step": step + 1, "min": round((time.time() - t_train) / 60, 2), **ev})
+            tqdm.write(f"step {step + 1}: {ev}")
+    train_s = time.time() - t_train
+    model.eval()
+    ev = quick_zero_shot(model, tokenizer, image_size)
+    log["evals"].append({"step": steps, "min": round(train_s / 60, 2), **ev})
+    log.update(train_s=round(train_s, 1), total_s=round(time.time() - t_start, 1), s_per_step=round(train_s / max(steps, 1), 3))
+    model = model.to(memory_format=torch.contiguous_format)
+    out = save_clip_checkpoint(model, out)
+    Path(str(out) + ".json").write_text(json.dumps(log, indent=1))
+    print(f"saved {out}: {ev}, {train_s / 60:.1f} min training, {t_render:.0f} s rendering")
+    return log
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", required=True, choices=sorted(DEFAULTS), help="embedded architecture")
+    ap.add_argument("--out", required=True, help="checkpoint path (a .json log is written beside it)")
+    ap.add_argument("--teacher", default=None, help="tiny-rn checkpoint to distil from (tiny-vit recipe); 'none' for none")
+    for k, v in DEFAULTS["tiny-rn"].items():
+        ap.add_argument(f"--{k}", type=type(v), default=None, help=f"default per arch: " +
+                        ", ".join(f"{a}={d[k]}" for a, d in DEFAULTS.items()))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the default machine has 2 cores)")
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast (auto: if the CPU has bf16)")
+    ap.add_argument("--eval-every", type=int, default=0, help="print a quick zero-shot check every N steps")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = dict(DEFAULTS[a.arch])
+    cfg.update({k: getattr(a, k) for k in cfg if getattr(a, k) is not None})
+    pretrain(a.arch, a.out, teacher=a.teacher, threads=a.threads, amp=a.amp, eval_every=a.eval_every,
+             progress=not a.no_progress, **cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Zero-shot vs 16-shot linear probe per embedded dataset, for one checkpoint (the 'room for transfer' check).
+
+    python -m common.data.synthetic.probe --arch tiny-rn --ckpt data/embedded/checkpoints/tiny-rn.pt
+
+Zero-shot: the dataset's CoOp-style template with each class name, cosine logits. Linear probe (CLIP /
+CoOp protocol): multinomial logistic regression on frozen, L2-normalised image features of K shots per
+class, C chosen on the few-shot val split (min(K, 4) per class), then scored on test. Images go through
+the model's own eval transform (`preprocess_val`), as every method sees them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.clip.loader import load_clip
+from common.data import build_dataset, load_image, sample_per_class
+
+# classification sets, in the order of the table
+PROBE_DATASETS = ["emb_objects", "emb_objects_v2", "emb_objects_sketch", "emb_objects_rendition", "emb_objects_hard",
+                  "emb_textures", "emb_scenes", "emb_finegrained", "emb_counting", "emb_satellite", "emb_mnist", "emb_fashion"]
+C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
+
+
+@torch.no_grad()
+def image_features(bundle, paths: list[str], batch: int = 256, desc: str = "features") -> torch.Tensor:
+    """L2-normalised image features of image files (eval transform), batched."""
+    model, pre = bundle.model.eval(), bundle.preprocess_val
+    out = []
+    for i in tqdm(range(0, len(paths), batch), desc=desc, leave=False, disable=len(paths) <= batch):
+        x = torch.stack([pre(load_image(p)) for p in paths[i:i + batch]])
+        out.append(F.normalize(model.encode_image(x).float(), dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, bundle.embed_dim)
+
+
+@torch.no_grad()
+def text_classifier(bundle, classnames: list[str], template: str) -> torch.Tensor:
+    tok = bundle.tokenizer([template.format(c) for c in classnames])
+    return F.normalize(bundle.model.encode_text(tok).float(), dim=-1)
+
+
+def logistic_probe(xtr, ytr, xva, yva, xte, yte, c_grid=C_GRID) -> tuple[float, float]:
+    """Fit on train for each C, keep the best on val, return (test accuracy, C)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    best = (-1.0, None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for c in c_grid:
+            clf = LogisticRegression(C=c, max_iter=1000).fit(xtr, ytr)
+            acc = float((clf.predict(xva) == yva).mean())
+            if acc > best[0]:
+                best = (acc, c, clf)
+    _, c, clf = best
+    return float((clf.predict(xte) == yte).mean()), c
+
+
+def probe_dataset(bundle, name: str, root: str | Path, shots: int = 16, seed: int = 1, feature_cache: dict | None = None) -> dict:
+    ds = build_dataset(name, root)
+    feature_cache = {} if feature_cache is None else feature_cache
+
+    def feats(items, split):
+        key = (name, split, len(items))
+        if key not in feature_cache:
+            feature_cache[key] = image_features(bundle, [d.impath for d in items], desc=f"{name}/{split}")
+        return feature_cache[key]
+
+    test_f = feats(ds.test, "test")
+    yte = np.array([d.label for d in ds.test])
+    zs = float(((test_f @ text_classifier(bundle, ds.classnames, ds.template).T).argmax(1).numpy() == yte).mean())
+    row = {"dataset": name, "classes": ds.num_classes, "chance": 1.0 / ds.num_classes, "test": len(ds.test), "zero_shot": zs}
+    if ds.train:
+        train = sample_per_class(ds.train, shots, seed)
+        val = sample_per_class(ds.val, min(shots, 4), seed)
+        all_train = {d.impath: i for i, d in enumerate(ds.train)}
+        all_val = {d.impath: i for i, d in enumerate(ds.val)}
+        tr_f = feats(ds.train, "train")[[all_train[d.impath] for d in train]]
+        va_f = feats(ds.val, "val")[[all_val[d.impath] for d in val]]
+        acc, c = logistic_probe(tr_f.numpy(), np.array([d.label for d in train]), va_f.numpy(),
+                                np.array([d.label for d in val]), test_f.numpy(), yte)
+        row.update(linear_probe=acc, C=c, shots=shots)
+    else:  # shifted variants: the probe trained on the source set (emb_objects) is applied
+        row.update(linear_probe=None)
+    return row
+
+
+def probe(arch: str, ckpt: str, root: str | Path = "data/embedded", datasets=None, shots: int = 16, seed: int = 1,
+          threads: int = 2) -> list[dict]:
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = load_clip(arch, ckpt)
+    rows, cache = [], {}
+    source = {}
+    for name in datasets or PROBE_DATASETS:
+        t = time.time()
+        row = probe_dataset(bundle, name, root, shots, seed, cache)
+        if name == "emb_objects":
+            source = _source_probe(bundle, name, root, shots, seed, cache)
+        if row["linear_probe"] is None and name.startswith("emb_objects_") and source:
+            ds = build_dataset(name, root)
+            xte = cache[(name, "test", len(ds.test))].numpy()
+            row["linear_probe"] = float((source["clf"].predict(xte) == np.array([d.label for d in ds.test])).mean())
+            row["probe_from"] = "emb_objects"
+        row["seconds"] = round(time.time() - t, 1)
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+def _source_probe(bundle, name, root, shots, seed, cache) -> dict:
+    """The emb_objects probe as a classifier, to score on the shifted variants (domain generalisation)."""
+    import warnings as _w
+
+    from sklearn.linear_model import LogisticRegression
+    ds = build_dataset(name, root)
+    train = sample_per_class(ds.train, shots, seed)
+    val = sample_per_class(ds.val, min(shots, 4), seed)
+    idx_tr = {d.impath: i for i, d in enumerate(ds.train)}
+    idx_va = {d.impath: i for i, d in enumerate(ds.val)}
+    xtr = cache[(name, "train", len(ds.train))][[idx_tr[d.impath] for d in train]].numpy()
+    xva = cache[(name, "val", len(ds.val))][[idx_va[d.impath] for d in val]].numpy()
+    ytr, yva = np.array([d.label for d in train]), np.array([d.label for d in val])
+    _, c = logistic_probe(xtr, ytr, xva, yva, xva, yva)
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        return {"clf": LogisticRegression(C=c, max_iter=1000).fit(xtr, ytr)}
+
+
+def format_row(r: dict) -> str:
+    lp = "-" if r.get("linear_probe") is None else f"{100 * r['linear_probe']:.1f}"
+    return (f"{r['dataset']:<24} {r['classes']:>4} {100 * r['chance']:>6.1f} {100 * r['zero_shot']:>6.1f} {lp:>6}"
+            + ("  (probe from emb_objects)" if r.get("probe_from") else ""))
+
+
+def markdown_table(results: dict[str, list[dict]]) -> str:
+    """results: tower -> rows. One table, a zero-shot and a linear-probe column per tower."""
+    towers = list(results)
+    head = "| dataset | classes | test | chance | " + " | ".join(f"{t} zero-shot | {t} 16-shot probe" for t in towers) + " |"
+    sep = "|---" * (4 + 2 * len(towers)) + "|"
+    lines = [head, sep]
+    by_name = {t: {r["dataset"]: r for r in rows} for t, rows in results.items()}
+    for name in [r["dataset"] for r in results[towers[0]]]:
+        r0 = by_name[towers[0]][name]
+        cells = [name, str(r0["classes"]), str(r0["test"]), f"{100 * r0['chance']:.1f}"]
+        for t in towers:
+            r = by_name[t].get(name)
+            if r is None:
+                cells += ["", ""]
+                continue
+            lp = r.get("linear_probe")
+            cells += [f"{100 * r['zero_shot']:.1f}", "-" if lp is None else f"{100 * lp:.1f}" + ("*" if r.get("probe_from") else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", required=True, help="tiny-rn | tiny-vit (or any open_clip arch)")
+    ap.add_argument("--ckpt", required=True, help="checkpoint path (or open_clip tag)")
+    ap.add_argument("--root", default="data/embedded", help="embedded data root")
+    ap.add_argument("--datasets", nargs="*", default=None, help=f"default: {' '.join(PROBE_DATASETS)}")
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write the rows to this JSON file")
+    a = ap.parse_args(argv)
+    print(f"{'dataset':<24} {'cls':>4} {'chance':>6} {'zs':>6} {'probe':>6}")
+    rows = probe(a.arch, a.ckpt, a.root, a.datasets, a.shots, a.seed)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"arch": a.arch, "ckpt": a.ckpt, "shots": a.shots, "seed": a.seed, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Generated parts of data/README.md: the sample grid (PNG) and the zero-shot vs linear-probe table.
+
+    python -m common.data.synthetic.readme --root data/embedded --grid data/embedded_samples.png \\
+        --probe data/embedded/probe/tiny-rn.json data/embedded/probe/tiny-vit.json --readme data/README.md
+
+The README keeps hand-written text; the blocks between `<!-- BEGIN generated:NAME -->` and
+`<!-- END generated:NAME -->` are replaced.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from common.data import build_dataset, load_image
+
+from .captions import captions
+from .catalog import SETS
+from .probe import markdown_table
+from .render import render
+from .world import Distribution, sample_scenes
+
+CELL = 64
+LABEL_W = 150
+
+
+def _seg_colours(mask: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    pal = rng.integers(40, 255, (256, 3)).astype(np.uint8)
+    pal[255] = 0
+    return pal[mask]
+
+
+def sample_grid(root: str | Path, out: str | Path, per_row: int = 10, seed: int = 0) -> Path:
+    """One row per dataset (plus pretraining samples with their captions' first words), PNG."""
+    rows: list[tuple[str, list[np.ndarray]]] = []
+    rng = np.random.default_rng(seed)
+    spec, infos = sample_scenes(rng, per_row, Distribution(), 64)
+    rows.append(("pretraining stream", list(render(spec, rng, 64))))
+    r = random.Random(seed)
+    for name, info in SETS.items():
+        ds = build_dataset(name, root)
+        items = r.sample(ds.test, min(per_row, len(ds.test)))
+        imgs = []
+        for d in items:
+            im = np.asarray(load_image(d.impath).resize((CELL, CELL), Image.NEAREST))
+            if d.mask and len(imgs) % 2 == 1:
+                im = _seg_colours(np.asarray(Image.open(d.mask).resize((CELL, CELL), Image.NEAREST)))
+            imgs.append(im)
+        rows.append((name, imgs))
+    H = len(rows) * (CELL + 4)
+    W = LABEL_W + per_row * (CELL + 4)
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=13)
+    for i, (name, imgs) in enumerate(rows):
+        y = i * (CELL + 4)
+        draw.text((4, y + CELL // 2 - 8), name, fill=(0, 0, 0), font=font)
+        for j, im in enumerate(imgs):
+            canvas.paste(Image.fromarray(im), (LABEL_W + j * (CELL + 4), y))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def example_captions(n: int = 8, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    _, infos = sample_scenes(rng, n, Distribution(), 64)
+    return captions(infos, seed)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- BEGIN generated:{name} -->", f"<!-- END generated:{name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text:
+        return re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="data/embedded")
+    ap.add_argument("--grid", default="data/embedded_samples.png")
+    ap.add_argument("--probe", nargs="*", default=[], help="probe JSON files (python -m common.data.synthetic.probe --json)")
+    ap.add_argument("--readme", default="data/README.md")
+    a = ap.parse_args(argv)
+    sample_grid(a.root, a.grid)
+    readme = Path(a.readme)
+    text = readme.read_text() if readme.is_file() else "# data\n"
+    text = replace_block(text, "captions", "\n".join(f"- `{c}`" for c in example_captions()))
+    if a.probe:
+        results = {}
+        for p in a.probe:
+            js = json.loads(Path(p).read_text())
+            results[js["arch"]] = js["rows"]
+        text = replace_block(text, "probe", markdown_table(results))
+    readme.write_text(text)
+    print(f"wrote {a.grid} and {readme}")
+
+
+if __name__ == "__main__":
+    main()
