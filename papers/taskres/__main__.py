@@ -1,0 +1,172 @@
+"""TaskRes: `python -m papers.taskres {train,eval,reproduce}`.
+
+Run records: method `taskres`; variant "" = TaskRes on the regular base, "enhanced" = TaskRes* (enhanced
+base), and the ablation variants of `ablations` at `ablation_shots`. Every record also holds `base_top1`
+(the frozen base alone: zero-shot CLIP for the regular base), `difficulty` ((100 / classes) / base_top1,
+the paper's relative transfer difficulty) and `residual_pct` (mean ||alpha x_k|| / ||t_k||, in percent).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.cli import run_cli
+from common.clip import logit_scale
+from common.engine import TrainConfig, classification_metrics
+from common.engine.protocols import Task, run_fewshot, run_transfer
+from papers.clip_adapter.method import raw_text_features, train_on_views
+
+from .method import TaskRes, load_text_projection, pooled_text_states, project, train_text_projection
+
+SLUG = "taskres"
+CONFIG = Path(__file__).with_name("config.yaml")
+SETTINGS = ("alpha", "residual", "form", "reduction", "lr")
+
+
+def settings(cfg: dict, name: str, variant: str, protocol: str = "fewshot") -> dict:
+    """alpha / residual / form / lr for one dataset and variant: shared defaults < per_dataset < (dg) < ablation."""
+    out = {k: cfg.get(k) for k in SETTINGS if k != "lr"}
+    out["lr"] = cfg["train"]["lr"]
+    layers = [(f"per_dataset.{name}", (cfg.get("per_dataset") or {}).get(name, {}))]
+    if protocol == "domain_generalization":
+        layers.append(("dg", cfg.get("dg") or {}))
+    if variant and variant != "enhanced":
+        layers.append((f"ablations.{variant}", cfg["ablations"][variant]))
+    for where, over in layers:
+        unknown = set(over) - set(SETTINGS) - {"epochs"}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed {list(SETTINGS) + ['epochs']}")
+        out.update(over)
+    return out
+
+
+def epochs_for(cfg: dict, shots: int | None, protocol: str) -> int:
+    """100 epochs for 1/2/4 shots, 200 for 8/16 (train_regular.sh); DG: the generalization config."""
+    if protocol == "domain_generalization" and (cfg.get("dg") or {}).get("epochs"):
+        return int(cfg["dg"]["epochs"])
+    table = {int(k): int(v) for k, v in (cfg.get("epochs_by_shots") or {}).items()}
+    return table.get(int(shots), cfg["train"]["epochs"]) if shots is not None else cfg["train"]["epochs"]
+
+
+def templates_for(task: Task) -> list[str]:
+    """The dataset's template; ImageNet: the 7 'select' templates + its own (official, without the in-place
+    list mutation of the official code)."""
+    extra = (task.cfg.get("templates") or {}).get(task.dataset.name) or []
+    return list(extra) + [task.dataset.template]
+
+
+def train_views(task: Task) -> tuple[list[torch.Tensor], torch.Tensor]:
+    n = int(task.cfg["cache_views"])
+    if n < 1:
+        raise ValueError(f"cache_views must be >= 1, got {n}")
+    tf = task.cfg["train_transform"]
+    views = [task.features("train", transform=tf, view=v)["features"] for v in range(n)]
+    return views, task.features("train", transform=tf, view=0)["labels"]
+
+
+def enhanced_base(task: Task, views, labels, epochs: int) -> torch.Tensor:
+    """TaskRes*'s base: an official checkpoint when `enhanced.checkpoint` names one, else the text projection
+    fine-tuned here (`enhanced.epochs`, `enhanced.lr`)."""
+    ecfg = task.cfg["enhanced"]
+    states = pooled_text_states(task.bundle, task.dataset.classnames, templates_for(task))
+    if ecfg.get("checkpoint"):
+        path = Path(str(ecfg["checkpoint"]).format(dataset=task.dataset.name, shots=task.shots))
+        if not path.is_file():
+            raise FileNotFoundError(f"enhanced-base checkpoint {path} not found: download the official `strong_base` "
+                                    f"folder (TaskRes README) or set enhanced.checkpoint=null to train the base here")
+        return project(states, load_text_projection(path))
+    tcfg = TrainConfig.from_dict({**task.cfg["train"], "epochs": int(ecfg["epochs"]), "lr": float(ecfg["lr"]),
+                                  "seed": task.seed})
+    out = None if task.out_dir is None else Path(task.out_dir) / "enhanced_base"
+    return train_text_projection(task.bundle, states, views, labels, tcfg, int(task.cfg["batch_size"]), out,
+                                 desc=f"enhanced base {task.dataset.name} k{task.shots}", threads=task.cfg.get("threads"))
+
+
+def fit(task: Task, variant: str = "", protocol: str = "fewshot") -> TaskRes:
+    s = settings(task.cfg, task.dataset.name, variant, protocol)
+    views, labels = train_views(task)
+    epochs = s.get("epochs") or epochs_for(task.cfg, task.shots, protocol)
+    if variant == "enhanced":
+        base = enhanced_base(task, views, labels, epochs)
+    else:
+        base = raw_text_features(task.bundle, task.dataset.classnames, templates_for(task))
+    model = TaskRes(base, logit_scale(task.bundle), s["alpha"], s["residual"], s["form"], s["reduction"])
+    model.classnames = list(task.dataset.classnames)   # the rows a shifted target picks from
+    tcfg = TrainConfig.from_dict({**task.cfg["train"], "epochs": int(epochs), "lr": float(s["lr"]), "seed": task.seed})
+    train_on_views(model, views, labels, tcfg, int(task.cfg["batch_size"]), task.out_dir,
+                   desc=f"taskres{'-' + variant if variant else ''} {task.dataset.name} k{task.shots}",
+                   threads=task.cfg.get("threads"))
+    return model
+
+
+def class_index(source: list[str], target: list[str]) -> torch.Tensor:
+    """Rows of the source classifier for the target's classes (ImageNet-A/-R hold 200 of the 1000)."""
+    where = {c: i for i, c in enumerate(source)}
+    missing = [c for c in target if c not in where]
+    if missing:
+        raise ValueError(f"{len(missing)} target classes are not source classes (e.g. {missing[:3]}): the task "
+                         f"residual only exists for the classes it was trained on")
+    return torch.tensor([where[c] for c in target])
+
+
+@torch.no_grad()
+def evaluate(model: TaskRes, task: Task) -> dict:
+    """Test top-1 with the trained classifier (a target uses the source classifier's rows of its classes, as
+    the official evaluation loads base and residual from the source checkpoint), plus the frozen base alone."""
+    te = task.features("test")
+    idx = class_index(model.classnames, list(task.dataset.classnames))
+    model.eval()
+    out = classification_metrics(model(te["features"], idx), te["labels"])
+    base = TaskRes(model.base, model.logit_scale)
+    base_top1 = classification_metrics(base(te["features"], idx), te["labels"])["top1"]
+    chance = 100.0 / len(idx)
+    return {**out, "base_top1": base_top1, "difficulty": chance / max(base_top1, 1e-6),
+            "residual_pct": model.residual_scale()}
+
+
+def _fit_eval(variant: str):
+    return lambda task: evaluate(fit(task, variant), task)
+
+
+def train(cfg: dict) -> list[dict]:
+    """few-shot TaskRes (regular and enhanced base) on every dataset x shots x seeds, ablations at ablation_shots"""
+    out = []
+    for variant in [""] + (["enhanced"] if cfg["enhanced"]["run"] else []):
+        out += run_fewshot(cfg, SLUG, SLUG, _fit_eval(variant), variant=variant)
+    shots = [k for k in cfg["ablation_shots"] if k in cfg["shots"]]
+    for variant in cfg["ablations"]:
+        if shots:
+            out += run_fewshot(cfg, SLUG, SLUG, _fit_eval(variant), variant=variant, shots=shots)
+    return out
+
+
+def evaluate_cmd(cfg: dict) -> list[dict]:
+    """same as train: the residual is trained and tested in one go on cached features"""
+    return train(cfg)
+
+
+def domain_generalization(cfg: dict) -> list[dict]:
+    out = []
+    for variant in [""] + (["enhanced"] if cfg["enhanced"]["run"] else []):
+        out += run_transfer(cfg, SLUG, SLUG, "domain_generalization",
+                            lambda t, v=variant: fit(t, v, "domain_generalization"), evaluate, cfg["dg_source"],
+                            cfg["dg_targets"], variant=variant, shots=int(cfg["dg_shots"]))
+    return out
+
+
+def reproduce(cfg: dict) -> None:
+    """few-shot curves (TaskRes, TaskRes*), ablations at 16 shots, domain generalisation (16-shot source ->
+    shifted sets)"""
+    train(cfg)
+    domain_generalization(cfg)
+
+
+def main(argv=None):
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce},
+                   "TaskRes: a learnable residual on CLIP's text classifier (regular or enhanced base), trained on "
+                   "cached augmented image features.", argv)
+
+
+if __name__ == "__main__":
+    main()
