@@ -1,0 +1,100 @@
+"""LASP: `python -m papers.lasp {train,eval,reproduce}` (base-to-novel generalisation).
+
+Variants (record method / variant), the rows of the paper's ablation, all on the same shots, seeds, schedule:
+  coop      coop / ctxv1     CoOp, M = 4 from "a photo of a" (L_TT weight 0, no re-calibration)
+  lasp      lasp / lasp      prompts + text-to-text loss over the training class names
+  lasp_rp   lasp / lasp_rp   + re-calibration: visual LayerNorms (0.1x lr) and the text bias b
+  lasp_v    lasp / lasp_v    + virtual classes: L_TT also over the novel class names (no novel images)
+A variant is a set of option overrides (`variants` in config.yaml); `--set variant=NAME` trains one.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from common.cli import run_cli
+from common.data import build_dataset
+from common.engine.protocols import Task, run_base2novel
+
+from .method import evaluate_lasp, train_lasp
+
+SLUG = "lasp"
+CONFIG = Path(__file__).with_name("config.yaml")
+
+
+def with_variant(cfg: dict, name: str) -> dict:
+    variants = cfg["variants"]
+    if name not in variants:
+        raise ValueError(f"unknown LASP variant {name!r}; config.yaml variants: {sorted(variants)}")
+    out = copy.deepcopy(cfg)
+    for k, v in (variants[name] or {}).items():
+        if k not in out:
+            raise ValueError(f"variants.{name}: unknown option {k!r}")
+        out[k] = copy.deepcopy(v)
+    out["variant"] = name
+    return out
+
+
+def record_name(name: str) -> tuple[str, str]:
+    return ("coop", "ctxv1") if name == "coop" else (SLUG, name)
+
+
+def for_dataset(cfg: dict, dataset_name: str) -> dict:
+    """Per-dataset schedule of the official configs (`dataset_overrides`, keyed by the registry name)."""
+    over = (cfg.get("dataset_overrides") or {}).get(dataset_name.split("[")[0])
+    if not over:
+        return cfg
+    out = copy.deepcopy(cfg)
+    for k, v in over.items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
+    return out
+
+
+def novel_classnames(task: Task) -> list[str]:
+    """The novel half of a base-to-novel task's dataset: LASP-V's virtual classes (names only)."""
+    if "class_subset" not in task.dataset.meta:
+        raise ValueError(f"virtual classes need a base-class task (base-to-novel); {task.dataset.name} is not one")
+    full = build_dataset(task.dataset.name.split("[")[0], task.cfg["data_root"])
+    kept = set(task.dataset.meta["class_subset"])
+    return [c for i, c in enumerate(full.classnames) if i not in kept]
+
+
+def fit(task: Task):
+    # the dataset's official schedule, then the variant's switches (a variant's tt_weight 0 must win)
+    cfg = with_variant(for_dataset(task.cfg, task.dataset.name), task.cfg["variant"])
+    tt_names = list(task.dataset.classnames) + (novel_classnames(task) if cfg["virtual"] else [])
+    return train_lasp(task, cfg, tt_names)
+
+
+def base2novel(cfg: dict, names: list[str] | None = None) -> list[dict]:
+    recs = []
+    for name in names or cfg["reproduce_variants"]:
+        vcfg = with_variant(cfg, name)
+        method, variant = record_name(name)
+        recs += run_base2novel(vcfg, SLUG, method, fit, evaluate_lasp, variant=variant, shots=vcfg["b2n_shots"])
+    return recs
+
+
+def train(cfg: dict) -> list[dict]:
+    """base-to-novel runs of one variant (--set variant=NAME, default lasp_v, the released configuration)"""
+    return base2novel(cfg, [cfg["variant"]])
+
+
+def evaluate_cmd(cfg: dict) -> list[dict]:
+    """same as train: each run is evaluated as soon as it is trained (finished runs are skipped)"""
+    return train(cfg)
+
+
+def reproduce(cfg: dict) -> None:
+    """base-to-novel for CoOp and every LASP variant in `reproduce_variants` (the paper's ablation rows)"""
+    base2novel(cfg)
+
+
+def main(argv=None):
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce},
+                   "LASP (Bulat & Tzimiropoulos, CVPR 2023): soft prompts regularised by a text-to-text "
+                   "cross-entropy against hand-crafted templates, with re-calibration and virtual classes.", argv)
+
+
+if __name__ == "__main__":
+    main()
