@@ -5,18 +5,22 @@ train      base-to-novel: context + Meta-Net on the 16-shot base classes of ever
 eval       re-evaluates the kept base-to-novel prompts on the base and novel test splits
 reproduce  base-to-novel (Table 1), cross-dataset transfer from `xd_source` (Table 2) and domain
            generalisation from `dg_source` (Table 3); one source training per seed serves both transfers
+cost       time (and CUDA memory) of a training step, CoOp (K prompts) vs CoCoOp (B x K), at several B
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from common.cli import run_cli
 from common.data import build_dataset, subsample_classes
 from common.engine import load_records
 from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_base2novel, run_transfer
+from common.engine.threads import torch_threads
+from common.paths import runs_root
 from papers.coop.method import PROMPT_FILE, Fitter, load_learner
 
-from .method import CoCoOpPromptLearner, evaluate, train_cocoop
+from .method import CoCoOpPromptLearner, evaluate, step_cost, train_cocoop
 
 SLUG = "cocoop"
 CONFIG = Path(__file__).with_name("config.yaml")
@@ -71,8 +75,22 @@ def reproduce(cfg: dict) -> None:
             raise ValueError(f"reproduce.protocols: unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
 
 
+def cost(cfg: dict) -> list[dict]:
+    """time (and CUDA memory) of one training step, CoOp vs CoCoOp, at cost_batch_sizes x cost_classes"""
+    bundle = bundle_for(cfg)
+    with torch_threads(cfg.get("threads")):
+        rows = step_cost(bundle, int(cfg["cost_classes"]), cfg["cost_batch_sizes"])
+    out = runs_root() / SLUG / "cost" / f"{cfg['profile']}-{cfg['arch']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    for r in rows:
+        print("  ".join(f"{k} {v}" for k, v in r.items()))
+    print(f"written to {out}")
+    return rows
+
+
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce, "cost": cost},
                    "CoCoOp (Zhou et al., CVPR 2022): CoOp's context plus an image-conditional token from a "
                    "Meta-Net, trained in real batches on cached image features.", argv)
 

@@ -113,3 +113,34 @@ def evaluate(learner: CoCoOpPromptLearner, task: Task, split: str = "test") -> d
                                max_prompts=int(task.cfg.get("eval_max_prompts") or 4096), progress=True)
     target.train(was)
     return classification_metrics(logits.cpu(), feats["labels"])
+
+
+def step_cost(bundle: ClipBundle, num_classes: int, batch_sizes: Sequence[int], repeats: int = 3) -> list[dict]:
+    """Wall time (and peak CUDA memory) of one training step, CoOp (K prompts) vs CoCoOp (B x K prompts),
+    on random image features: the cost the paper names as CoCoOp's limitation."""
+    import time
+
+    names = [f"class {i}" for i in range(num_classes)]
+    coop = PromptLearner(bundle, names, n_ctx=4, ctx_init="a photo of a")
+    cocoop = CoCoOpPromptLearner(bundle, names)
+    cuda = bundle.device.type == "cuda"
+    rows = []
+    for B in batch_sizes:
+        x = torch.randn(B, bundle.embed_dim, device=bundle.device)
+        y = torch.randint(num_classes, (B,), device=bundle.device)
+        row = {"batch": B, "classes": num_classes}
+        for name, loss_fn in (("coop", lambda: F.cross_entropy(100 * F.normalize(x, dim=-1) @ coop.class_embeddings().t(), y)),
+                              ("cocoop", lambda: cocoop_loss(cocoop, x, y, 100.0)[0])):
+            loss_fn().backward()  # warm-up
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                loss_fn().backward()
+            if cuda:
+                torch.cuda.synchronize()
+                row[f"{name}_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+            row[f"{name}_step_ms"] = round((time.perf_counter() - t0) / repeats * 1000, 2)
+        rows.append(row)
+    return rows

@@ -148,3 +148,9 @@ def test_train_eval_reproduce_smoke(tmp_path, tiny_vit):
     rows = cocoop_main.main(["eval", *args])
     assert [(round(r["base"], 4), round(r["new"], 4)) for r in rows] == [(b2n["metrics"]["base"],
                                                                           b2n["metrics"]["novel"])]
+
+
+def test_cost_rows(tiny_vit):
+    from papers.cocoop.method import step_cost
+    rows = step_cost(tiny_vit, 3, [1, 2], repeats=1)
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["coop_step_ms"] > 0 and r["cocoop_step_ms"] > 0 for r in rows)
