@@ -140,13 +140,13 @@ def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bo
     opt.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, math.log(100))
-    return float(loss)
+    return float(loss.detach())
 
 
 def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: float, warmup: int, pool: int, seed: int,
              distill: float = 0.0, teacher: str | None = None, dist: Distribution = Distribution(),
              cstyle: CaptionStyle = CaptionStyle(), threads: int = 2, amp: str = "auto", eval_every: int = 0,
-             progress: bool = True) -> dict:
+             eval_n: int = 512, progress: bool = True) -> dict:
     """Train `arch` from scratch and save it to `out`. Returns the training log (also written to out.json)."""
     t_start = time.time()
     torch.manual_seed(seed)
@@ -211,12 +211,12 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
         log["loss"].append(round(float(loss), 4))
         bar.set_postfix(loss=f"{loss:.3f}", scale=f"{float(model.logit_scale.exp()):.1f}")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            ev = quick_zero_shot(model, tokenizer, image_size)
+            ev = quick_zero_shot(model, tokenizer, image_size, n=eval_n)
             log["evals"].append({"step": step + 1, "min": round((time.time() - t_train) / 60, 2), **ev})
             tqdm.write(f"step {step + 1}: {ev}")
     train_s = time.time() - t_train
     model.eval()
-    ev = quick_zero_shot(model, tokenizer, image_size)
+    ev = quick_zero_shot(model, tokenizer, image_size, n=eval_n)
     log["evals"].append({"step": steps, "min": round(train_s / 60, 2), **ev})
     log.update(train_s=round(train_s, 1), total_s=round(time.time() - t_start, 1), s_per_step=round(train_s / max(steps, 1), 3))
     model = model.to(memory_format=torch.contiguous_format)
