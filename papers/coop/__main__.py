@@ -35,10 +35,10 @@ def with_variant(cfg: dict, name: str | None) -> dict:
     return out
 
 
-def fewshot(cfg: dict, fit: Fitter | None = None, shots=None, datasets=None) -> list[dict]:
+def fewshot(cfg: dict, fit: Fitter | None = None, shots=None, datasets=None, seeds=None) -> list[dict]:
     fit = fit or Fitter(cfg)
     return run_fewshot(cfg, SLUG, SLUG, lambda task: evaluate(fit(task), task), variant=variant_name(cfg),
-                       shots=shots, datasets=datasets)
+                       shots=shots, datasets=datasets, seeds=seeds)
 
 
 def train(cfg: dict) -> list[dict]:
@@ -82,12 +82,13 @@ def reproduce(cfg: dict) -> None:
     """few-shot curves + ablations, DG with M=16 and M=4, and CoCoOp's setting (base2novel, cross-dataset, DG)"""
     plan = cfg["reproduce"]
     ablation = plan.get("ablation") or {}
-    jobs = [(name, None, None) for name in plan.get("fewshot") or []]
-    jobs += [(name, ablation.get("shots"), ablation.get("datasets")) for name in ablation.get("variants") or []]
+    jobs = [(name, {}) for name in plan.get("fewshot") or []]
+    jobs += [(name, {k: ablation.get(k) for k in ("shots", "datasets", "seeds")})
+             for name in ablation.get("variants") or []]
     fits: dict[str, Fitter] = {}
-    for name, shots, datasets in jobs:
+    for name, grid in jobs:
         vcfg = with_variant(cfg, name)
-        fewshot(vcfg, fits.setdefault(name, Fitter(vcfg)), shots=shots, datasets=datasets)
+        fewshot(vcfg, fits.setdefault(name, Fitter(vcfg)), **grid)
     for name in plan.get("domain_generalization") or []:  # reuses the 16-shot source runs trained above
         vcfg = with_variant(cfg, name)
         run_transfer(vcfg, SLUG, SLUG, "domain_generalization", fits.get(name) or Fitter(vcfg), evaluate,
@@ -96,15 +97,17 @@ def reproduce(cfg: dict) -> None:
     if block.get("protocols"):
         ccfg = cocoop_setting(cfg)
         fit, variant = Fitter(ccfg), variant_name(ccfg)
+        shots, transfer_seeds = int(block.get("shots") or 16), block.get("transfer_seeds")
         for protocol in block["protocols"]:
             if protocol == "base2novel":
-                run_base2novel(ccfg, SLUG, SLUG, fit, evaluate, variant=variant)
+                run_base2novel(ccfg, SLUG, SLUG, fit, evaluate, variant=variant, shots=shots)
             elif protocol == "cross_dataset":
                 run_transfer(ccfg, SLUG, SLUG, "cross_dataset", fit, evaluate, ccfg["xd_source"],
-                             [d for d in ccfg["datasets"] if d != ccfg["xd_source"]], variant=variant)
+                             [d for d in ccfg["datasets"] if d != ccfg["xd_source"]], variant=variant, shots=shots,
+                             seeds=transfer_seeds)
             elif protocol == "domain_generalization":
                 run_transfer(ccfg, SLUG, SLUG, "domain_generalization", fit, evaluate, ccfg["dg_source"],
-                             ccfg["dg_targets"], variant=variant)
+                             ccfg["dg_targets"], variant=variant, shots=shots, seeds=transfer_seeds)
             else:
                 raise ValueError(f"reproduce.cocoop_setting.protocols: unknown protocol {protocol!r} "
                                  f"(base2novel, cross_dataset, domain_generalization)")
