@@ -52,9 +52,10 @@ class Task:
 
 
 def _record(cfg: dict, paper: str, method: str, variant: str, protocol: str, dataset: str, source: str,
-            shots: int | None, seed: int, values: dict, wall: float) -> dict:
+            shots: int | None, seed: int, values: dict, wall: float, n_classes: int | None = None) -> dict:
     return {"paper": paper, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": protocol,
             "dataset": dataset, "source": source, "backbone": cfg["arch"], "shots": shots, "seed": seed,
+            "n_classes": n_classes,
             "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
 
 
@@ -96,7 +97,8 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
                     checkpoint_dir(cfg, paper, "fewshot", name, method, k, seed, variant))
         seed_everything(seed)
         values = fit_eval(task)
-        rec = _record(cfg, paper, method, variant, "fewshot", name, name, k, seed, values, time.time() - t0)
+        rec = _record(cfg, paper, method, variant, "fewshot", name, name, k, seed, values, time.time() - t0,
+                      full.num_classes)
         out.append(_finish(rec, task.out_dir))
     return out
 
@@ -122,7 +124,7 @@ def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any
         b = evaluate(state, base)["top1"]
         n = evaluate(state, novel)["top1"]
         rec = _record(cfg, paper, method, variant, "base2novel", name, name, shots, seed,
-                      {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)}, time.time() - t0)
+                      {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)}, time.time() - t0, full.num_classes)
         out.append(_finish(rec, ckpt))
     return out
 
@@ -150,7 +152,8 @@ def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callabl
         for name in names:
             ds = src if name == source else build_dataset(name, cfg["data_root"])
             values = evaluate(state, Task(cfg, bundle, ds, shots, seed, task.out_dir))
-            rec = _record(cfg, paper, method, variant, protocol, name, source, shots, seed, values, time.time() - t0)
+            rec = _record(cfg, paper, method, variant, protocol, name, source, shots, seed, values, time.time() - t0,
+                          ds.num_classes)
             out.append(_finish(rec, task.out_dir if name == names[-1] else None))
     return out
 

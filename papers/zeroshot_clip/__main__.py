@@ -35,6 +35,7 @@ def evaluate(cfg: dict) -> list[dict]:
             values = eval_classifier(task, zeroshot_weights(bundle, ds, variant))
             rec = {"paper": SLUG, "method": SLUG, "variant": variant, "profile": cfg["profile"],
                    "protocol": "zeroshot", "dataset": name, "backbone": cfg["arch"], "shots": None, "seed": 0,
+                   "n_classes": ds.num_classes,
                    "metrics": values, "config": cfg}
             write_record(rec)
             records.append(rec)
