@@ -295,7 +295,8 @@ def class_weights(learner: PromptLearner, classnames: Sequence[str], chunk: int 
 def evaluate(learner: PromptLearner, task: Task, split: str = "test", chunk: int | None = None) -> dict[str, float]:
     """Top-1 (and mean per-class) of the learned prompt on `task`'s split, with `task`'s own class names."""
     chunk = chunk or int(option(task.cfg, "eval_chunk"))
-    weights = class_weights(learner, task.dataset.classnames, chunk).float().cpu()  # cached features live on CPU
+    with torch_threads(option(task.cfg, "threads")):
+        weights = class_weights(learner, task.dataset.classnames, chunk).float().cpu()  # features live on CPU
     return eval_classifier(task, weights, split=split)
 
 
