@@ -117,7 +117,13 @@ def fit(task: Task, tax: Taxonomy, lam: float, collapse_p: float, desc: str) -> 
                 for i in index_batches(n, cfg["batch_size"], task.seed, epoch)]
 
     trainer = Trainer(model, TrainConfig.from_dict({**cfg["train"], "seed": task.seed}), task.out_dir, desc=desc)
-    trainer.fit(lambda b: model.loss(*b), batches)
+    threads = torch.get_num_threads()
+    if cfg.get("threads"):  # small text-encoder steps: one thread beats two contended ones by far on CPU
+        torch.set_num_threads(int(cfg["threads"]))
+    try:
+        trainer.fit(lambda b: model.loss(*b), batches)
+    finally:
+        torch.set_num_threads(threads)
     return model
 
 
