@@ -1,6 +1,6 @@
 """KgCoOp: `python -m papers.kgcoop {train,eval,reproduce}`.
 
-Methods in the run records: `kgcoop` (the paper) and `coop` variant `ctxv1` (the same prompt learner with
+Methods in the run records: `kgcoop` (the paper) and `coop` variant `m4_end_ctxv1` (the same prompt learner with
 weight 0, i.e. CoOp with 4 context vectors initialised from "a photo of a": the paper's CoOp baseline run on
 the same shots, seeds and schedule).
 """
@@ -17,7 +17,7 @@ from .method import train_kgcoop
 
 SLUG = "kgcoop"
 CONFIG = Path(__file__).with_name("config.yaml")
-BASELINE = ("coop", "ctxv1")
+BASELINE = ("coop", "m4_end_ctxv1")
 
 
 def fit(task: Task, weight: float | None = None):

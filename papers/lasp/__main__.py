@@ -1,7 +1,7 @@
 """LASP: `python -m papers.lasp {train,eval,reproduce}` (base-to-novel generalisation).
 
 Variants (record method / variant), the rows of the paper's ablation, all on the same shots, seeds, schedule:
-  coop      coop / ctxv1     CoOp, M = 4 from "a photo of a" (L_TT weight 0, no re-calibration)
+  coop      coop / m4_end_ctxv1     CoOp, M = 4 from "a photo of a" (L_TT weight 0, no re-calibration)
   lasp      lasp / lasp      prompts + text-to-text loss over the training class names
   lasp_rp   lasp / lasp_rp   + re-calibration: visual LayerNorms (0.1x lr) and the text bias b
   lasp_v    lasp / lasp_v    + virtual classes: L_TT also over the novel class names (no novel images)
@@ -36,7 +36,7 @@ def with_variant(cfg: dict, name: str) -> dict:
 
 
 def record_name(name: str) -> tuple[str, str]:
-    return ("coop", "ctxv1") if name == "coop" else (SLUG, name)
+    return ("coop", "m4_end_ctxv1") if name == "coop" else (SLUG, name)
 
 
 def for_dataset(cfg: dict, dataset_name: str) -> dict:

@@ -25,11 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.clip import ClipBundle, is_vit, logit_scale, zeroshot_classifier
+from common.clip import ClipBundle, is_vit, logit_scale, tokenize
 from common.engine import Trainer, TrainConfig, index_batches, lr_at
 from common.engine.cache import cached_features, encode_items
 from common.engine.evaluate import classification_metrics
 from common.engine.protocols import Task
+from common.engine.threads import torch_threads
 from papers.coop.method import (PromptLearner, class_weights, coop_logits, encode_prompts, option, train_config,
                                 train_coop)
 
@@ -115,6 +116,24 @@ class LaspPromptLearner(PromptLearner):
         return g[0] if self.groups == 1 else F.normalize(g.mean(0), dim=-1)
 
 
+_TEMPLATE_MEMO: dict[tuple, torch.Tensor] = {}
+
+
+@torch.no_grad()
+def template_embeddings(bundle: ClipBundle, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """(L, A, D) normalised frozen-CLIP text features of every template filled with every name, encoded in
+    one batched pass (memoised per process: the variants of a run share them)."""
+    key = (bundle.checkpoint_id, bundle.arch, tuple(names), tuple(templates))
+    if key not in _TEMPLATE_MEMO:
+        ids = tokenize(bundle, [t.format(n) for t in templates for n in names], device=bundle.device)
+        was = bundle.model.training
+        bundle.model.eval()
+        feats = torch.cat([bundle.model.encode_text(chunk).float() for chunk in ids.split(1024)])
+        bundle.model.train(was)
+        _TEMPLATE_MEMO[key] = F.normalize(feats, dim=-1).view(len(templates), len(names), -1)
+    return _TEMPLATE_MEMO[key]
+
+
 class LaspLoss:
     """`loss_fn` for CoOp-style training: L_VL + alpha * L_TT over `tt_names` (training names, plus virtual
     classes for LASP-V), templates split over the learner's groups."""
@@ -130,8 +149,8 @@ class LaspLoss:
         self.layout.ctx.requires_grad_(False)
         names = list(self.layout.classnames)
         # t^l_j: one normalised embedding per (template, class), frozen CLIP, computed once: (L, A, D) per group
-        self.targets = [torch.stack([zeroshot_classifier(bundle, names, [t], cache_dir=None).float() for t in group])
-                        .to(bundle.device) for group in split_templates(list(templates), learner.groups)]
+        self.targets = [template_embeddings(bundle, names, group)
+                        for group in split_templates(list(templates), learner.groups)]
 
     def tt_loss(self, learner: LaspPromptLearner) -> torch.Tensor:
         learned = learner.group_embeddings(self.layout)
@@ -248,7 +267,8 @@ def train_with_visual_ln(task: Task, cfg: dict, learner: LaspPromptLearner, loss
         loss, logs = loss_fn(learner, logits, y.to(task.bundle.device), text)
         return loss, {"acc": float((logits.argmax(-1) == y.to(logits.device)).float().mean()) * 100, **logs}
 
-    trainer.fit(step, token_batches(tokens, labels, int(option(cfg, "batch_size")), tcfg.seed))
+    with torch_threads(option(cfg, "threads")):  # small per-step ops: extra threads only synchronise
+        trainer.fit(step, token_batches(tokens, labels, int(option(cfg, "batch_size")), tcfg.seed))
     return model
 
 

@@ -5,6 +5,7 @@ Runs, named as the official trainers (record method / variant):
   sub         subpt / sub      CoOp + SubPT (CoOp_sub)
   nfl         subpt / nfl      CoOp + NFL (CoOp_nfl; stage 1 of sub_nfl)
   sub_nfl     subpt / sub_nfl  CoOp + SubPT + NFL (CoOp_sub_nfl), subspace from the CoOp + NFL trajectory
+  cocoop      cocoop / ""      the paper's CoCoOp baseline in this setting (papers.cocoop, options `cocoop`)
 Each run trains the same seed's initial context on the same shots; the stage-1 trajectories are kept under
 runs/subpt/_trajectories/ so a SubPT run reuses the matching CoOp run instead of training it again.
 """
@@ -15,17 +16,29 @@ from pathlib import Path
 from common.cli import run_cli
 from common.data import build_dataset
 from common.engine.protocols import Task, run_base2novel, run_fewshot, run_transfer
-from papers.coop.method import evaluate, variant_name
+from papers.cocoop.method import CoCoOpPromptLearner, train_cocoop
+from papers.cocoop.method import evaluate as evaluate_cocoop
+from papers.coop.method import evaluate as evaluate_coop
+from papers.coop.method import variant_name
 
 from .method import nfl_names, train_stage1, train_subpt
 
 SLUG = "subpt"
 CONFIG = Path(__file__).with_name("config.yaml")
-RUNS = ("coop", "sub", "nfl", "sub_nfl")
+RUNS = ("coop", "sub", "nfl", "sub_nfl", "cocoop")
 
 
 def record_name(run: str, cfg: dict) -> tuple[str, str]:
-    return ("coop", variant_name(cfg)) if run == "coop" else (SLUG, run)
+    if run in ("coop", "cocoop"):
+        return (run, variant_name(cfg) if run == "coop" else "")
+    return (SLUG, run)
+
+
+def cocoop_cfg(cfg: dict) -> dict:
+    """The config of the CoCoOp baseline: SubPT's run options overridden by the `cocoop` block."""
+    out = {**cfg, **{k: v for k, v in cfg["cocoop"].items() if k != "train"}}
+    out["train"] = {**cfg["train"], **(cfg["cocoop"].get("train") or {})}
+    return out
 
 
 def novel_classnames(task: Task) -> list[str] | None:
@@ -41,10 +54,18 @@ def fit(task: Task, run: str):
     cfg = task.cfg
     if run not in RUNS:
         raise ValueError(f"unknown SubPT run {run!r}; expected one of {RUNS}")
+    if run == "cocoop":
+        return train_cocoop(task, cocoop_cfg(cfg))
     nfl = nfl_names(task, cfg, novel_classnames(task)) if run in ("nfl", "sub_nfl") else None
     if run in ("coop", "nfl"):
         return train_stage1(task, cfg, nfl)[0]
     return train_subpt(task, cfg, nfl)
+
+
+def evaluate(state, task: Task) -> dict:
+    if isinstance(state, CoCoOpPromptLearner):
+        return evaluate_cocoop(state, task)
+    return evaluate_coop(state, task)
 
 
 def _runs(cfg: dict, protocol: str) -> list[str]:

@@ -108,7 +108,7 @@ def test_reproduce_smoke_on_toy(tmp_path, tiny_vit):
                                               "b2n_shots": 2, "dg_shots": 2, "fewshot_shots": "[1]"})
     kg_main.main(["reproduce", *sets])
     b2n = load_records(paper="kgcoop", protocol="base2novel")
-    assert sorted((r["method"], r["variant"]) for r in b2n) == [("coop", "ctxv1"), ("kgcoop", "")]
+    assert sorted((r["method"], r["variant"]) for r in b2n) == [("coop", "m4_end_ctxv1"), ("kgcoop", "")]
     assert all(set(r["metrics"]) == {"base", "novel", "hm"} for r in b2n)
     assert len(load_records(paper="kgcoop", protocol="fewshot")) == 2
     dg = load_records(paper="kgcoop", protocol="domain_generalization")

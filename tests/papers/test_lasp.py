@@ -180,6 +180,6 @@ def test_reproduce_smoke_on_toy(tmp_path, tiny_vit):
     sets = toy_overrides(tmp_path, tiny_vit, {"epochs": 2, "batch_size": 4, "b2n_shots": 2, "train.warmup_epochs": 1})
     lasp_main.main(["reproduce", *sets])
     recs = load_records(paper="lasp", protocol="base2novel")
-    assert sorted((r["method"], r["variant"]) for r in recs) == [("coop", "ctxv1"), ("lasp", "lasp"),
+    assert sorted((r["method"], r["variant"]) for r in recs) == [("coop", "m4_end_ctxv1"), ("lasp", "lasp"),
                                                                  ("lasp", "lasp_rp"), ("lasp", "lasp_v")]
     assert all(set(r["metrics"]) == {"base", "novel", "hm"} for r in recs)

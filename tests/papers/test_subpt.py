@@ -165,12 +165,12 @@ def test_reproduce_smoke_on_toy(tmp_path, tiny_rn):
     sets = toy_overrides(tmp_path, tiny_rn, {"n_ctx": 4, "epochs": 3, "batch_size": 4, "t_early_by_shots": "{2: 2}",
                                              "rank_by_shots": "{2: 1}", "shots": "[2]", "b2n_shots": 2, "dg_shots": 2,
                                              "nfl_source": "toy", "nfl_num_names": 2, "runs.fewshot": "[sub, coop]",
-                                             "runs.base2novel": "[sub_nfl, nfl]", "runs.domain_generalization": "[sub]"})
+                                             "runs.base2novel": "[sub_nfl, nfl, cocoop]", "cocoop.epochs": 1, "cocoop.batch_size": 4, "runs.domain_generalization": "[sub]"})
     sp_main.main(["reproduce", *sets])
     few = load_records(paper="subpt", protocol="fewshot")
     assert sorted((r["method"], r["variant"]) for r in few) == [("coop", "m4_end"), ("subpt", "sub")]
     b2n = load_records(paper="subpt", protocol="base2novel")
-    assert sorted(r["variant"] for r in b2n) == ["nfl", "sub_nfl"]
+    assert sorted((r["method"], r["variant"]) for r in b2n) == [("cocoop", ""), ("subpt", "nfl"), ("subpt", "sub_nfl")]
     assert all(set(r["metrics"]) == {"base", "novel", "hm"} for r in b2n)
     dg = load_records(paper="subpt", protocol="domain_generalization")
     assert sorted(r["dataset"] for r in dg) == ["toy", "toy_shift"]
