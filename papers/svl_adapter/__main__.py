@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import functools
+import json
 from common.cli import run_cli
 from common.clip import logit_scale
 from common.data import Dataset, build_dataset
@@ -56,6 +57,9 @@ def ssl_pool(full: Dataset, cfg: dict) -> list:
 def ssl_encoder(cfg: dict, name: str) -> tuple[torch.nn.Module, str]:
     """The dataset's SimCLR encoder (trained once, checkpointed) and its weights hash."""
     opts = cfg["ssl"]
+    memo = (cfg["profile"], name, str(cfg["data_root"]), json.dumps(opts, sort_keys=True, default=str))
+    if memo in _ENCODERS:
+        return _ENCODERS[memo]
     full = build_dataset(name, cfg["data_root"])
     pool = ssl_pool(full, cfg)
     key = cache_key(dataset=name, pool=items_digest(pool), **{k: opts[k] for k in sorted(opts)})
@@ -65,6 +69,7 @@ def ssl_encoder(cfg: dict, name: str) -> tuple[torch.nn.Module, str]:
         model = pretrain_simclr(images, opts, int(opts["seed"]), out_dir, cfg.get("device", "cpu"),
                                 desc=f"simclr {name}")
         _ENCODERS[key] = (model.encoder, state_hash(model.encoder))
+    _ENCODERS[memo] = _ENCODERS[key]
     return _ENCODERS[key]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -35,7 +36,9 @@ _EVAL_IMAGES: dict[tuple, torch.Tensor] = {}  # decoded test sets (embedded: dec
 
 
 def _key(cfg: dict, kind: str, task: Task) -> tuple:
-    return (kind, cfg["profile"], task.bundle.checkpoint_id, task.dataset.name, task.shots, task.seed)
+    opts = json.dumps([cfg[kind], cfg["templates"]], sort_keys=True, default=str)
+    return (kind, cfg["profile"], task.bundle.checkpoint_id, str(cfg["data_root"]), task.dataset.name, task.shots,
+            task.seed, opts)
 
 
 def _check(cfg: dict) -> None:
