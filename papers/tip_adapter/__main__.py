@@ -190,6 +190,33 @@ def figure(cfg: dict, path: Path | None = None) -> Path | None:
     return path
 
 
+def cost(cfg: dict) -> dict:
+    """wall time of one Tip-Adapter-F epoch on random cached features of size cost.{dim,classes,shots}"""
+    c = cfg["cost"]
+    g = torch.Generator().manual_seed(0)
+    n = int(c["classes"]) * int(c["shots"])
+    views = [torch.randn(n, int(c["dim"]), generator=g)]
+    labels = torch.arange(int(c["classes"])).repeat_interleave(int(c["shots"]))
+    keys, values = build_cache(views, labels, int(c["classes"]))
+    weights = F.normalize(torch.randn(int(c["classes"]), int(c["dim"]), generator=g), dim=-1)
+    model = TipAdapterF(keys, values, weights, cfg["init_alpha"], cfg["init_beta"], float(cfg["clip_scale"]))
+    tcfg = TrainConfig.from_dict({**cfg["train"], "epochs": int(c["epochs"]), "checkpoint_every": 10 ** 6})
+    hist = train_tip_f(model, views, labels, keys[: 4 * int(c["classes"])], labels[: 4 * int(c["classes"])], tcfg,
+                       int(cfg["batch_size"]), float(cfg["adam_eps"]), threads=cfg.get("threads"))
+    return _report_cost(cfg, "tip_f", n, hist)
+
+
+def _report_cost(cfg: dict, what: str, n: int, hist: list[dict]) -> dict:
+    per_epoch = sorted(h["wall_s"] for h in hist)[len(hist) // 2]   # median: the first epoch warms up
+    row = {"method": what, "profile": cfg["profile"], **cfg["cost"], "samples": n, "batch_size": cfg["batch_size"],
+           "threads": cfg.get("threads"), "epoch_ms_median": round(per_epoch * 1000, 2)}
+    out = runs_root() / SLUG / "cost" / f"{cfg['profile']}-{what}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=1))
+    print("  ".join(f"{k} {v}" for k, v in row.items()))
+    return row
+
+
 def reproduce(cfg: dict) -> None:
     """few-shot curves of Tip-Adapter and Tip-Adapter-F on every dataset, domain generalisation (16-shot source
     -> shifted sets), and the alpha/beta heat map"""
@@ -199,7 +226,8 @@ def reproduce(cfg: dict) -> None:
 
 
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "figure": figure},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "figure": figure,
+                                     "cost": cost},
                    "Tip-Adapter (training-free cache model) and Tip-Adapter-F (fine-tuned keys) on cached CLIP "
                    "features; alpha/beta and the -F epoch are chosen on validation data, never on test.", argv)
 

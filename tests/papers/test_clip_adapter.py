@@ -100,3 +100,9 @@ def test_reproduce_smoke(tmp_path, tiny_rn):
     cfg = load_config(ca.CONFIG, "embedded", ["ablations={bad: {colour: red}}"])
     with pytest.raises(ValueError, match="colour"):
         ca.settings(cfg, "bad")
+
+
+def test_cost_command_times_an_epoch(tmp_path):
+    row = ca.main(["cost", "--set", "cost={dim: 16, classes: 4, shots: 4, epochs: 3}"])
+    assert row["samples"] == 16 and row["epoch_ms_median"] >= 0
+    assert next((tmp_path / "runs").glob("clip_adapter/cost/*.json")).is_file()

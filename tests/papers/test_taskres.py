@@ -148,3 +148,9 @@ def test_reproduce_smoke_and_base_is_zero_shot(tmp_path, tiny_rn):
     zs.main(["eval", *toy_overrides(tmp_path, tiny_rn)])
     ref = next(r for r in load_records(protocol="zeroshot", dataset="toy") if r["variant"] == "single")
     assert few[""]["metrics"]["base_top1"] == pytest.approx(ref["metrics"]["top1"], abs=1e-3)
+
+
+def test_cost_command_times_an_epoch(tmp_path):
+    row = tr.main(["cost", "--set", "cost={dim: 16, classes: 4, shots: 4, epochs: 3}"])
+    assert row["samples"] == 16 and row["epoch_ms_median"] >= 0
+    assert next((tmp_path / "runs").glob("taskres/cost/*.json")).is_file()

@@ -153,3 +153,9 @@ def test_reproduce_smoke(tmp_path, tiny_rn):
     assert len(grid["acc"]) == 10 and len(grid["acc"][0]) == 5
     assert fig.is_file() and fig.stat().st_size > 1000
     assert tip.train(__import__("common.config", fromlist=["x"]).load_config(tip.CONFIG, "embedded", args[1::2])) == []
+
+
+def test_cost_command_times_an_epoch(tmp_path):
+    row = tip.main(["cost", "--set", "cost={dim: 16, classes: 4, shots: 4, epochs: 3}"])
+    assert row["samples"] == 16 and row["epoch_ms_median"] >= 0
+    assert next((tmp_path / "runs").glob("tip_adapter/cost/*.json")).is_file()
