@@ -99,6 +99,10 @@ def fit(task: Task, variant: str = "", protocol: str = "fewshot") -> TaskRes:
     train_on_views(model, views, labels, tcfg, int(task.cfg["batch_size"]), task.out_dir,
                    desc=f"taskres{'-' + variant if variant else ''} {task.dataset.name} k{task.shots}",
                    threads=task.cfg.get("threads"))
+    if variant == "enhanced" and task.out_dir is not None:
+        # the projection's resume checkpoint is only needed until the residual is trained (the protocol
+        # removes the residual's own checkpoint once the record is written)
+        (Path(task.out_dir) / "enhanced_base" / "checkpoint.pt").unlink(missing_ok=True)
     return model
 
 
