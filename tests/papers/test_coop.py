@@ -220,6 +220,9 @@ def test_reproduce_and_eval_smoke(tmp_path, tiny_rn, tiny_vit, capsys):
                    ("fewshot", "m16_end", "tiny-rn"), ("fewshot", "m4_end", "tiny-rn")]
     # toy has no second dataset: cross-dataset evaluates the source only
     assert {r["dataset"] for r in recs if r["protocol"] == "domain_generalization"} == {"toy", "toy_shift"}
+    # train runs one named variant's few-shot grid
+    coop_main.main(["train", *args, "--set", "variant=m16_end_csc"])
+    assert {(r["variant"], r["shots"]) for r in load_records(paper="coop", variant="m16_end_csc")} == {("m16_end_csc", 1)}
     # eval re-scores the kept prompts and matches the records
     rows = coop_main.main(["eval", *args])
     stored = {(r["shots"], r["seed"]): r["metrics"]["top1"]
