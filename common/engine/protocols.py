@@ -165,4 +165,5 @@ def eval_classifier(task: Task, class_weights: torch.Tensor, scale: float | None
     from .evaluate import classification_metrics, cosine_logits
     feats = task.features(split)
     scale = scale if scale is not None else float(task.bundle.model.logit_scale.exp())
-    return classification_metrics(cosine_logits(feats["features"], class_weights, scale), feats["labels"])
+    weights = class_weights.detach().to(feats["features"].device, torch.float32)  # cached features live on the CPU
+    return classification_metrics(cosine_logits(feats["features"], weights, scale), feats["labels"])
