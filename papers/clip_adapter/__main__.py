@@ -43,15 +43,15 @@ def train_views(task: Task) -> tuple[list[torch.Tensor], torch.Tensor]:
     n = int(task.cfg["cache_views"])
     if n < 1:
         raise ValueError(f"cache_views must be >= 1, got {n}")
-    tf = task.cfg["train_transform"]
-    views = [task.features("train", transform=tf, view=v)["features"] for v in range(n)]
-    return views, task.features("train", transform=tf, view=0)["labels"]
+    tf, dev = task.cfg["train_transform"], task.bundle.device
+    views = [task.features("train", transform=tf, view=v)["features"].to(dev) for v in range(n)]
+    return views, task.features("train", transform=tf, view=0)["labels"].to(dev)
 
 
 def fit(task: Task, variant: str = "") -> ClipAdapter:
     s = settings(task.cfg, variant)
     model = ClipAdapter(text_features(task), logit_scale(task.bundle), s["branch"], s["ratio"], s["text_ratio"],
-                        s["reduction"])
+                        s["reduction"]).to(task.bundle.device)   # features are cached on CPU, trained where CLIP is
     views, labels = train_views(task)
     tcfg = TrainConfig.from_dict({**task.cfg["train"], "seed": task.seed})
     train_on_views(model, views, labels, tcfg, int(task.cfg["batch_size"]), task.out_dir,
@@ -63,9 +63,10 @@ def fit(task: Task, variant: str = "") -> ClipAdapter:
 @torch.no_grad()
 def evaluate(model: ClipAdapter, task: Task) -> dict:
     """Top-1 on the task's test split with the task's own class names (a shifted target's classes)."""
-    te = task.features("test")
+    te, dev = task.features("test"), next(model.buffers()).device
     model.eval()
-    return classification_metrics(model(te["features"], text_features(task)), te["labels"])
+    logits = model(te["features"].to(dev), text_features(task).to(dev)).cpu()
+    return classification_metrics(logits, te["labels"])
 
 
 def _fit_eval(variant: str):

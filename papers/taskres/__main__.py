@@ -62,9 +62,9 @@ def train_views(task: Task) -> tuple[list[torch.Tensor], torch.Tensor]:
     n = int(task.cfg["cache_views"])
     if n < 1:
         raise ValueError(f"cache_views must be >= 1, got {n}")
-    tf = task.cfg["train_transform"]
-    views = [task.features("train", transform=tf, view=v)["features"] for v in range(n)]
-    return views, task.features("train", transform=tf, view=0)["labels"]
+    tf, dev = task.cfg["train_transform"], task.bundle.device
+    views = [task.features("train", transform=tf, view=v)["features"].to(dev) for v in range(n)]
+    return views, task.features("train", transform=tf, view=0)["labels"].to(dev)
 
 
 def enhanced_base(task: Task, views, labels, epochs: int) -> torch.Tensor:
@@ -94,6 +94,7 @@ def fit(task: Task, variant: str = "", protocol: str = "fewshot") -> TaskRes:
     else:
         base = raw_text_features(task.bundle, task.dataset.classnames, templates_for(task))
     model = TaskRes(base, logit_scale(task.bundle), s["alpha"], s["residual"], s["form"], s["reduction"])
+    model = model.to(task.bundle.device)   # features are cached on CPU, trained where CLIP is
     model.classnames = list(task.dataset.classnames)   # the rows a shifted target picks from
     tcfg = TrainConfig.from_dict({**task.cfg["train"], "epochs": int(epochs), "lr": float(s["lr"]), "seed": task.seed})
     train_on_views(model, views, labels, tcfg, int(task.cfg["batch_size"]), task.out_dir,
@@ -120,12 +121,13 @@ def class_index(source: list[str], target: list[str]) -> torch.Tensor:
 def evaluate(model: TaskRes, task: Task) -> dict:
     """Test top-1 with the trained classifier (a target uses the source classifier's rows of its classes, as
     the official evaluation loads base and residual from the source checkpoint), plus the frozen base alone."""
-    te = task.features("test")
-    idx = class_index(model.classnames, list(task.dataset.classnames))
+    te, dev = task.features("test"), model.base.device
+    x = te["features"].to(dev)
+    idx = class_index(model.classnames, list(task.dataset.classnames)).to(dev)
     model.eval()
-    out = classification_metrics(model(te["features"], idx), te["labels"])
+    out = classification_metrics(model(x, idx).cpu(), te["labels"])
     base = TaskRes(model.base, model.logit_scale)
-    base_top1 = classification_metrics(base(te["features"], idx), te["labels"])["top1"]
+    base_top1 = classification_metrics(base(x, idx).cpu(), te["labels"])["top1"]
     chance = 100.0 / len(idx)
     return {**out, "base_top1": base_top1, "difficulty": chance / max(base_top1, 1e-6),
             "residual_pct": model.residual_scale()}

@@ -43,7 +43,7 @@ class TaskRes(nn.Module):
         self.logit_scale = float(logit_scale)
         if form == "residual":
             shape = base.shape if residual == "text" else (1, base.shape[1])
-            self.residual = nn.Parameter(torch.zeros(shape))
+            self.residual = nn.Parameter(torch.zeros(shape, device=base.device))
         else:
             self.phi = Adapter(base.shape[1], reduction)
 
@@ -123,10 +123,11 @@ def train_text_projection(bundle: ClipBundle, states: torch.Tensor, views: Seque
                           desc: str = "enhanced base", threads: int | None = None) -> torch.Tensor:
     """The enhanced base of TaskRes*: fine-tune only the text projection (cross-entropy, cached views),
     return the new (C, D) base. The official recipe is not released (only its checkpoints)."""
-    model = TextProjection(states, bundle.model.text_projection.detach().cpu(), float(bundle.model.logit_scale.exp()))
+    dev = views[0].device
+    model = TextProjection(states, bundle.model.text_projection.detach(), float(bundle.model.logit_scale.exp())).to(dev)
     train_on_views(model, views, labels, tcfg, batch_size, out_dir, desc=desc, threads=threads)
     with torch.no_grad():
-        return project(states, model.projection)
+        return project(model.states, model.projection)
 
 
 def load_text_projection(path) -> torch.Tensor:

@@ -62,8 +62,11 @@ def validation_items(task: Task) -> list:
     return sample_per_class(pool, min(task.shots or 4, 4), 10_000 + task.seed)
 
 
-def normalised(feats: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    return F.normalize(feats["features"].float(), dim=-1), feats["labels"]
+def normalised(feats: dict, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = feats["features"].float(), feats["labels"]
+    if device is not None:
+        x, y = x.to(device), y.to(device)
+    return F.normalize(x, dim=-1), y
 
 
 def fit(task: Task, finetune: bool) -> dict:
@@ -74,11 +77,13 @@ def fit(task: Task, finetune: bool) -> dict:
     n_views = int(cfg["cache_views"])
     if n_views < 1:
         raise ValueError(f"cache_views must be >= 1, got {n_views}")
-    views = [task.features("train", transform=cfg["cache_transform"], view=v)["features"] for v in range(n_views)]
-    labels = task.features("train", transform=cfg["cache_transform"], view=0)["labels"]
+    dev = task.bundle.device   # features are cached on CPU; the cache model lives where CLIP is
+    views = [task.features("train", transform=cfg["cache_transform"], view=v)["features"].to(dev)
+             for v in range(n_views)]
+    labels = task.features("train", transform=cfg["cache_transform"], view=0)["labels"].to(dev)
     keys, values = build_cache(views, labels, task.dataset.num_classes)
-    weights = text_classifier(task)
-    val_x, val_y = normalised(task.features("val", items=validation_items(task)))
+    weights = text_classifier(task).to(dev)
+    val_x, val_y = normalised(task.features("val", items=validation_items(task)), dev)
     scale = float(cfg["clip_scale"])
     if finetune:
         model = TipAdapterF(keys, values, weights, dcfg["init_alpha"], dcfg["init_beta"], scale)
@@ -103,11 +108,12 @@ def class_index(source: list[str], target: list[str]) -> torch.Tensor:
 
 
 def evaluate(state: dict, task: Task) -> dict:
-    x, y = normalised(task.features("test"))
-    values = state["values"][:, class_index(state["classnames"], list(task.dataset.classnames))]
-    logits = tip_logits(x, state["keys"], values, text_classifier(task), state["alpha"], state["beta"],
+    dev = state["keys"].device
+    x, y = normalised(task.features("test"), dev)
+    values = state["values"][:, class_index(state["classnames"], list(task.dataset.classnames)).to(dev)]
+    logits = tip_logits(x, state["keys"], values, text_classifier(task).to(dev), state["alpha"], state["beta"],
                         state["clip_scale"])
-    return {**classification_metrics(logits, y), "alpha": state["alpha"], "beta": state["beta"]}
+    return {**classification_metrics(logits.cpu(), y.cpu()), "alpha": state["alpha"], "beta": state["beta"]}
 
 
 def _fewshot(variant: str):

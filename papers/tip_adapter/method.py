@@ -90,13 +90,13 @@ def search_alpha_beta(features: torch.Tensor, labels: torch.Tensor, affinity: to
     zs = clip_scale * features @ clip_weights.t()
     n, c = zs.shape
     chunk = max(1, max_elems // max(1, n * c))
-    a = alphas.to(zs.dtype)
+    a = alphas.to(device=zs.device, dtype=zs.dtype)
     acc = torch.empty(len(betas), len(alphas), dtype=torch.float64)
     for i, beta in enumerate(betas.tolist()):
         cl = cache_logits(affinity, values, beta)
         for j in range(0, len(a), chunk):
             pred = (zs.unsqueeze(0) + a[j:j + chunk, None, None] * cl.unsqueeze(0)).argmax(-1)
-            acc[i, j:j + chunk] = (pred == labels.unsqueeze(0)).double().mean(-1) * 100
+            acc[i, j:j + chunk] = ((pred == labels.unsqueeze(0)).double().mean(-1) * 100).cpu()
     flat = int(torch.argmax(acc.flatten()))   # first maximum = the official tie-breaking
     bi, ai = divmod(flat, len(alphas))
     return Search(betas, alphas, acc, float(betas[bi]), float(alphas[ai]), float(acc[bi, ai]))
