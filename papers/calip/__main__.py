@@ -7,6 +7,7 @@ reproduce both
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -134,7 +135,12 @@ def domain_generalization(cfg: dict) -> None:
     if not targets or all(_done(cfg, "domain_generalization", t, "val", source) for t in [source] + targets):
         return
     t0 = time.time()
-    b2, b3 = zeroshot_dataset(cfg, source, ["val"])["val"]
+    rec = run_dir(SLUG, "zeroshot", cfg["profile"], source, cfg["arch"], SLUG, None, 0, "val") / "metrics.json"
+    if _done(cfg, "zeroshot", source, "val"):  # the source's val-searched weights, as its zero-shot run chose them
+        m = json.loads(rec.read_text())["metrics"]
+        b2, b3 = m["beta2"], m["beta3"]
+    else:
+        b2, b3 = zeroshot_dataset(cfg, source, ["val"])["val"]
     bundle = bundle_for(cfg)
     for name in [source] + targets:
         task = Task(cfg, bundle, build_dataset(name, cfg["data_root"]), None, 0, None)

@@ -120,17 +120,38 @@ def search_betas(terms: Terms, labels: torch.Tensor, grid2: Sequence[float], gri
     g3 = torch.as_tensor(list(grid3), dtype=terms.zero_shot.dtype, device=labels.device)
     if g2.numel() == 0 or g3.numel() == 0:
         raise ValueError("empty beta grid")
-    n, K = terms.zero_shot.shape
+    l1, l2, l3, labels = _candidate_classes(terms, labels, g2, g3)
+    n, K = l1.shape
     chunk = max(1, max_elements // (len(g3) * K))
     correct = torch.zeros(len(g2), len(g3), dtype=torch.long)
     for i, b2 in enumerate(g2):
-        base = terms.zero_shot + b2 * terms.visual_text
+        base = l1 + b2 * l2
         for j in range(0, n, chunk):
-            logits = base[None, j:j + chunk] + g3[:, None, None] * terms.text_visual[None, j:j + chunk]
+            logits = torch.addcmul(base[None, j:j + chunk], g3[:, None, None], l3[None, j:j + chunk])
             correct[i] += (logits.argmax(-1) == labels[None, j:j + chunk]).sum(-1).cpu()
     flat = correct.flatten()
     best = int(torch.nonzero(flat == flat.max())[0])
     return float(g2[best // len(g3)]), float(g3[best % len(g3)]), 100.0 * float(flat[best]) / n
+
+
+def _candidate_classes(terms: Terms, labels: torch.Tensor, g2: torch.Tensor, g3: torch.Tensor):
+    """Exact pruning for the grid search: a class can be an argmax somewhere on the grid only if its best
+    logit over the grid reaches the best worst-case logit of the image (logits are linear in the betas, so
+    the extremes sit at the grid's corners). Returns the terms restricted to each image's candidates, kept
+    in ascending class order (so argmax ties resolve as on all classes; padding is -inf), and the labels'
+    positions among them (-1: the label can never win)."""
+    l1, l2, l3 = terms
+    corners = torch.stack([l1 + b2 * l2 + b3 * l3 for b2 in (g2.min(), g2.max()) for b3 in (g3.min(), g3.max())])
+    hi, lo = corners.amax(0), corners.amin(0)
+    keep = hi >= lo.amax(dim=-1, keepdim=True)                        # (n, K)
+    m = int(keep.sum(-1).max())
+    K = l1.shape[1]
+    order = torch.argsort((~keep).long() * K + torch.arange(K, device=l1.device), dim=-1)[:, :m]
+    valid = keep.gather(-1, order)
+    pick = lambda t, fill: t.gather(-1, order).masked_fill(~valid, fill)  # noqa: E731
+    pos = (order == labels[:, None]) & valid
+    new_labels = torch.where(pos.any(-1), pos.float().argmax(-1), torch.full_like(labels, -1))
+    return pick(l1, float("-inf")), pick(l2, 0.0), pick(l3, 0.0), new_labels
 
 
 class Calip(nn.Module):

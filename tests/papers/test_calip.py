@@ -177,3 +177,19 @@ def test_selection_split_never_uses_test(tmp_path, tiny_rn):
     assert {d.impath for d in items} <= {d.impath for d in ds.train}
     with pytest.raises(ValueError, match="val_from_train"):
         calip_main.selection_split(Task({"val_from_train": 0}, tiny_rn, no_val, None, 0, None))
+
+
+def test_pruned_beta_search_equals_brute_force():
+    from papers.calip.method import Terms
+    g = torch.Generator().manual_seed(0)
+    n, K = 300, 12
+    terms = Terms(torch.randn(n, K, generator=g), torch.randn(n, K, generator=g), 5 * torch.randn(n, K, generator=g))
+    labels = torch.randint(0, K, (n,), generator=g)
+    terms = Terms(terms[0].round(decimals=1), *terms[1:])  # some exact ties too
+    g2, g3 = beta_grid(3.0, 15), beta_grid(0.5, 11)
+    acc = torch.tensor([[(fuse(terms, b2, b3).argmax(-1) == labels).float().mean().item() * 100 for b3 in g3]
+                        for b2 in g2])
+    best = int(torch.nonzero(acc.flatten() == acc.max())[0])
+    b2, b3, got = search_betas(terms, labels, g2, g3)
+    assert (b2, b3) == (pytest.approx(g2[best // len(g3)]), pytest.approx(g3[best % len(g3)]))
+    assert got == pytest.approx(acc.max().item(), abs=1e-4)
