@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import run_cli
-from common.clip import zeroshot_classifier
+from common.clip import logit_scale, zeroshot_classifier
 from common.data import build_dataset, sample_per_class
 from common.engine import TrainConfig, classification_metrics, run_dir
 from common.engine.protocols import Task, run_fewshot, run_transfer
@@ -45,6 +45,13 @@ def text_classifier(task: Task) -> torch.Tensor:
     normalised, averaged, renormalised: the official `clip_classifier`)."""
     templates = (task.cfg.get("templates") or {}).get(task.dataset.name) or [task.dataset.template]
     return zeroshot_classifier(task.bundle, task.dataset.classnames, templates).float().cpu()
+
+
+def clip_scale(task: Task) -> float:
+    """The constant multiplying the zero-shot logits: the official 100 (= OpenAI CLIP's exp(logit_scale)), or,
+    with clip_scale null, the loaded model's own temperature (the embedded tiny CLIPs learn a different one)."""
+    value = task.cfg.get("clip_scale")
+    return float(value) if value is not None else logit_scale(task.bundle)
 
 
 def validation_items(task: Task) -> list:
@@ -84,7 +91,7 @@ def fit(task: Task, finetune: bool) -> dict:
     keys, values = build_cache(views, labels, task.dataset.num_classes)
     weights = text_classifier(task).to(dev)
     val_x, val_y = normalised(task.features("val", items=validation_items(task)), dev)
-    scale = float(cfg["clip_scale"])
+    scale = clip_scale(task)
     if finetune:
         model = TipAdapterF(keys, values, weights, dcfg["init_alpha"], dcfg["init_beta"], scale)
         tcfg = TrainConfig.from_dict({**cfg["train"], "epochs": int(dcfg["epochs"]), "seed": task.seed})
@@ -205,7 +212,7 @@ def cost(cfg: dict) -> dict:
     labels = torch.arange(int(c["classes"])).repeat_interleave(int(c["shots"]))
     keys, values = build_cache(views, labels, int(c["classes"]))
     weights = F.normalize(torch.randn(int(c["classes"]), int(c["dim"]), generator=g), dim=-1)
-    model = TipAdapterF(keys, values, weights, cfg["init_alpha"], cfg["init_beta"], float(cfg["clip_scale"]))
+    model = TipAdapterF(keys, values, weights, cfg["init_alpha"], cfg["init_beta"], float(cfg["clip_scale"] or 100.0))
     tcfg = TrainConfig.from_dict({**cfg["train"], "epochs": int(c["epochs"]), "checkpoint_every": 10 ** 6})
     hist = train_tip_f(model, views, labels, keys[: 4 * int(c["classes"])], labels[: 4 * int(c["classes"])], tcfg,
                        int(cfg["batch_size"]), float(cfg["adam_eps"]), threads=cfg.get("threads"))

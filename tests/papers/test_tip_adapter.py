@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import papers.tip_adapter.__main__ as tip
 from common.data import build_dataset, fewshot_split
+from common.config import load_config
 from common.engine import TrainConfig, load_records, lr_at
 from common.engine.protocols import Task
 from papers.tip_adapter.method import (TipAdapterF, build_cache, cache_logits, grid_values, search_alpha_beta,
@@ -159,3 +160,10 @@ def test_cost_command_times_an_epoch(tmp_path):
     row = tip.main(["cost", "--set", "cost={dim: 16, classes: 4, shots: 4, epochs: 3}"])
     assert row["samples"] == 16 and row["epoch_ms_median"] >= 0
     assert next((tmp_path / "runs").glob("tip_adapter/cost/*.json")).is_file()
+
+
+def test_clip_scale_is_official_100_or_the_models_temperature(tiny_rn):
+    from common.clip import logit_scale
+    assert tip.clip_scale(Task({"clip_scale": 100.0}, tiny_rn, None, 1, 1, None)) == 100.0
+    assert tip.clip_scale(Task({"clip_scale": None}, tiny_rn, None, 1, 1, None)) == pytest.approx(logit_scale(tiny_rn))
+    assert load_config(tip.CONFIG, "real")["clip_scale"] == 100.0 and load_config(tip.CONFIG)["clip_scale"] is None
