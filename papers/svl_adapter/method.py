@@ -60,7 +60,8 @@ def fit_adapter(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
 
 def clip_logits(image_features: torch.Tensor, class_weights: torch.Tensor, scale: float) -> torch.Tensor:
     """Zero-shot CLIP: scale * cos(image, class text)."""
-    return scale * F.normalize(image_features.float(), dim=-1) @ F.normalize(class_weights.float(), dim=-1).t()
+    w = F.normalize(class_weights.float().to(image_features.device), dim=-1)
+    return scale * F.normalize(image_features.float(), dim=-1) @ w.t()
 
 
 def fuse(clip: torch.Tensor, ssl: torch.Tensor, lam: float, space: str = "prob") -> torch.Tensor:

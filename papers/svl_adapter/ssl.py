@@ -62,7 +62,7 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """Inverse of `rgb_to_hsv`: channel n of RGB is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
     h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = (n + 6 * h) % 6
     return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
@@ -143,15 +143,16 @@ class SimCLRAugment:
     def __call__(self, images: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         b, _, h, w = x.shape
-        boxes = self.crop_boxes(b, h, w, gen)
-        rois = torch.cat([torch.arange(b, dtype=x.dtype).unsqueeze(1), boxes.to(x)], 1)
+        boxes = self.crop_boxes(b, h, w, gen).to(x)  # random draws on the CPU (one stream), applied on x's device
+        rois = torch.cat([torch.arange(b, dtype=x.dtype, device=x.device).unsqueeze(1), boxes], 1)
         x = roi_align(x, rois, output_size=self.size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        flip = (torch.rand(b, generator=gen) < self.flip_p).view(b, 1, 1, 1)
-        x = torch.where(flip, x.flip(-1), x)
-        jitter = (torch.rand(b, generator=gen) < self.jitter_p).view(b, 1, 1, 1)
-        x = torch.where(jitter, self.color(x, gen), x)
-        gray = (torch.rand(b, generator=gen) < self.gray_p).view(b, 1, 1, 1)
-        x = torch.where(gray, _gray(x).expand_as(x), x)
+
+        def mask(p):
+            return (torch.rand(b, generator=gen) < p).view(b, 1, 1, 1).to(x.device)
+
+        x = torch.where(mask(self.flip_p), x.flip(-1), x)
+        x = torch.where(mask(self.jitter_p), self.color(x, gen), x)
+        x = torch.where(mask(self.gray_p), _gray(x).expand_as(x), x)
         return (x - self.mean.to(x)) / self.std.to(x)
 
 
@@ -269,8 +270,8 @@ def pretrain_simclr(images: torch.Tensor, opts: dict, seed: int, out_dir=None, d
     tau = float(opts["temperature"])
 
     def step(idx):
-        x = images[idx]
-        v1, v2 = aug(x).to(device), aug(x).to(device)
+        x = images[idx].to(device)
+        v1, v2 = aug(x), aug(x)
         z = model(torch.cat([v1, v2]))
         return nt_xent(z[: len(idx)], z[len(idx):], tau)
 
