@@ -7,7 +7,9 @@ thread synchronisation then costs far more than the arithmetic (measured on 2 lo
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
+from typing import Any, Callable
 
 import torch
 
@@ -22,3 +24,14 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def threaded(command: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """Wrap an entry-point command `fn(cfg)` so all of it (feature encoding included) runs with
+    `cfg["threads"]` intra-op threads. Measured on 2 shared, loaded cores: tiny-rn encodes 5 ms/image with one
+    thread and 34 ms/image with two."""
+    @functools.wraps(command)
+    def run(cfg: dict) -> Any:
+        with torch_threads(cfg.get("threads")):
+            return command(cfg)
+    return run

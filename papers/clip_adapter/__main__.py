@@ -14,6 +14,7 @@ from common.cli import run_cli
 from common.clip import logit_scale
 from common.engine import TrainConfig, classification_metrics
 from common.engine.protocols import Task, run_fewshot, run_transfer
+from common.engine.threads import threaded
 from common.paths import runs_root
 
 from .method import ClipAdapter, raw_text_features, train_on_views
@@ -119,7 +120,9 @@ def reproduce(cfg: dict) -> None:
 
 
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "cost": cost},
+    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "cost": cost}
+    # every command under cfg['threads'] intra-op threads (encoding included): see common/engine/threads.py
+    return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in commands.items()},
                    "CLIP-Adapter: residual bottleneck adapters on frozen CLIP features (trained on cached "
                    "augmented features).", argv)
 

@@ -16,6 +16,7 @@ from common.cli import run_cli
 from common.clip import logit_scale
 from common.engine import TrainConfig, classification_metrics
 from common.engine.protocols import Task, run_fewshot, run_transfer
+from common.engine.threads import threaded
 from common.paths import runs_root
 from papers.clip_adapter.method import raw_text_features, train_on_views
 
@@ -82,7 +83,8 @@ def enhanced_base(task: Task, views, labels, epochs: int) -> torch.Tensor:
                                   "seed": task.seed})
     out = None if task.out_dir is None else Path(task.out_dir) / "enhanced_base"
     return train_text_projection(task.bundle, states, views, labels, tcfg, int(task.cfg["batch_size"]), out,
-                                 desc=f"enhanced base {task.dataset.name} k{task.shots}", threads=task.cfg.get("threads"))
+                                 desc=f"enhanced base {task.dataset.name} k{task.shots}",
+                                 threads=task.cfg.get("threads"))
 
 
 def fit(task: Task, variant: str = "", protocol: str = "fewshot") -> TaskRes:
@@ -191,7 +193,9 @@ def reproduce(cfg: dict) -> None:
 
 
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "cost": cost},
+    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "cost": cost}
+    # every command under cfg['threads'] intra-op threads (encoding included): see common/engine/threads.py
+    return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in commands.items()},
                    "TaskRes: a learnable residual on CLIP's text classifier (regular or enhanced base), trained on "
                    "cached augmented image features.", argv)
 

@@ -18,6 +18,7 @@ from common.clip import logit_scale, zeroshot_classifier
 from common.data import build_dataset, sample_per_class
 from common.engine import TrainConfig, classification_metrics, run_dir
 from common.engine.protocols import Task, run_fewshot, run_transfer
+from common.engine.threads import threaded
 from common.paths import runs_root
 
 from .method import TipAdapterF, build_cache, search_alpha_beta, tip_logits, train_tip_f
@@ -160,7 +161,8 @@ def grids(cfg: dict, shots: int, variant: str = "") -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for name in cfg["datasets"]:
         for seed in cfg["seeds"]:
-            p = run_dir(SLUG, "fewshot", cfg["profile"], name, cfg["arch"], SLUG, shots, seed, variant) / "search_grid.json"
+            folder = run_dir(SLUG, "fewshot", cfg["profile"], name, cfg["arch"], SLUG, shots, seed, variant)
+            p = folder / "search_grid.json"
             if p.is_file():
                 out.setdefault(name, []).append(json.loads(p.read_text()))
     return out
@@ -239,8 +241,9 @@ def reproduce(cfg: dict) -> None:
 
 
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "figure": figure,
-                                     "cost": cost},
+    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "figure": figure, "cost": cost}
+    # every command under cfg['threads'] intra-op threads (encoding included): see common/engine/threads.py
+    return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in commands.items()},
                    "Tip-Adapter (training-free cache model) and Tip-Adapter-F (fine-tuned keys) on cached CLIP "
                    "features; alpha/beta and the -F epoch are chosen on validation data, never on test.", argv)
 

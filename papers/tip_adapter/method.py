@@ -89,14 +89,19 @@ def search_alpha_beta(features: torch.Tensor, labels: torch.Tensor, affinity: to
     betas, alphas = grid_values(scale[0], steps[0]), grid_values(scale[1], steps[1])
     zs = clip_scale * features @ clip_weights.t()
     n, c = zs.shape
-    chunk = max(1, max_elems // max(1, n * c))
+    b = betas.to(device=zs.device, dtype=zs.dtype)
     a = alphas.to(device=zs.device, dtype=zs.dtype)
+    dist = 1.0 - affinity
+    # batched over betas and alphas (chunks of at most ~max_elems values) instead of a loop per grid point
+    nb = max(1, max_elems // max(1, len(a) * n * max(c, dist.shape[1])))
+    na = max(1, max_elems // max(1, nb * n * c))
     acc = torch.empty(len(betas), len(alphas), dtype=torch.float64)
-    for i, beta in enumerate(betas.tolist()):
-        cl = cache_logits(affinity, values, beta)
-        for j in range(0, len(a), chunk):
-            pred = (zs.unsqueeze(0) + a[j:j + chunk, None, None] * cl.unsqueeze(0)).argmax(-1)
-            acc[i, j:j + chunk] = ((pred == labels.unsqueeze(0)).double().mean(-1) * 100).cpu()
+    for i in range(0, len(b), nb):
+        cl = (torch.exp(-b[i:i + nb, None, None] * dist) @ values).unsqueeze(1)         # (nb, 1, n, c)
+        for j in range(0, len(a), na):
+            logits = zs + a[None, j:j + na, None, None] * cl                             # (nb, na, n, c)
+            hit = logits.argmax(-1) == labels
+            acc[i:i + nb, j:j + na] = (hit.double().mean(-1) * 100).cpu()
     flat = int(torch.argmax(acc.flatten()))   # first maximum = the official tie-breaking
     bi, ai = divmod(flat, len(alphas))
     return Search(betas, alphas, acc, float(betas[bi]), float(alphas[ai]), float(acc[bi, ai]))

@@ -143,7 +143,8 @@ def test_reproduce_smoke_and_base_is_zero_shot(tmp_path, tiny_rn):
     assert set(few) == {"", "enhanced", "image"}
     assert {"top1", "base_top1", "difficulty", "residual_pct"} <= set(few[""]["metrics"])
     dg = load_records(protocol="domain_generalization", method="taskres")
-    assert {(r["dataset"], r["variant"]) for r in dg} == {(d, v) for d in ("toy", "toy_shift") for v in ("", "enhanced")}
+    expected = {(d, v) for d in ("toy", "toy_shift") for v in ("", "enhanced")}
+    assert {(r["dataset"], r["variant"]) for r in dg} == expected
     assert not list((tmp_path / "runs").glob("taskres/_checkpoints/**/checkpoint.pt"))   # no stale resume state
     # the regular base alone is zero-shot CLIP with the dataset's template: same top-1 as the baseline's record
     zs.main(["eval", *toy_overrides(tmp_path, tiny_rn)])

@@ -76,6 +76,8 @@ def test_search_matches_the_official_loop():
             if acc > best:
                 best, pair = acc, (b, a)
     assert (s.beta, s.alpha, s.best) == pytest.approx((pair[0], pair[1], best))
+    chunked = search_alpha_beta(xv, yv, xv @ keys.t(), values, w, scale, steps, max_elems=7)   # tiny chunks
+    assert torch.equal(chunked.acc, s.acc) and (chunked.beta, chunked.alpha) == (s.beta, s.alpha)
     with pytest.raises(ValueError, match="validation"):
         search_alpha_beta(xv[:0], yv[:0], xv[:0] @ keys.t(), values, w, scale, steps)
 
