@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-import functools
 import json
 from common.cli import run_cli
 from common.clip import logit_scale
@@ -22,7 +21,7 @@ from common.engine.evaluate import classification_metrics
 from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_fewshot
 from common.engine.runs import run_dir, write_record
 from common.engine.seed import seed_everything
-from common.engine.threads import torch_threads
+from common.engine.threads import threaded
 from papers.zeroshot_clip.method import zeroshot_weights
 
 from .method import clip_logits, confidence_lambda, fit_adapter, fuse, pseudo_labels, tune_lambda
@@ -182,18 +181,9 @@ def reproduce(cfg: dict) -> None:
     evaluate(cfg)
 
 
-def _threaded(fn):
-    """Run a command with `threads` intra-op threads (tiny CPU models: 1 avoids synchronisation costs)."""
-    @functools.wraps(fn)
-    def run(cfg: dict):
-        with torch_threads(cfg.get("threads")):
-            return fn(cfg)
-    return run
-
-
 def main(argv=None):
     cmds = {"train": train, "eval": evaluate, "reproduce": reproduce}
-    return run_cli(SLUG, CONFIG, {k: _threaded(v) for k, v in cmds.items()},
+    return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in cmds.items()},
                    "SVL-Adapter: SimCLR encoder on the target images + few-shot adapter, blended with zero-shot CLIP.",
                    argv)
 

@@ -35,7 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """Mean over the 2N views of -log softmax(cos / tau) at the positive, the view itself left out."""
     if z1.shape != z2.shape or z1.dim() != 2 or len(z1) < 1:
-        raise ValueError(f"nt_xent needs two (N, D) views of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"nt_xent needs two (N, D) views of the same shape, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = len(z1)
@@ -120,7 +121,8 @@ class SimCLRAugment:
         """(B, 4) boxes x0, y0, x1, y1 in pixels: area fraction ~ U(scale), log aspect ~ U(log ratio);
         sides larger than the image are clipped to it (torchvision retries instead)."""
         area = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(b, generator=gen))
-        logr = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * torch.rand(b, generator=gen)
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        logr = lo + (hi - lo) * torch.rand(b, generator=gen)
         bw = torch.sqrt(area * torch.exp(logr)).clamp(1, w)
         bh = torch.sqrt(area / torch.exp(logr)).clamp(1, h)
         x0 = (w - bw) * torch.rand(b, generator=gen)

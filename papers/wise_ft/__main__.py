@@ -19,7 +19,7 @@ from common.data import build_dataset, fewshot_split
 from common.engine.evaluate import classification_metrics
 from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_transfer
 from common.engine.runs import load_records
-from common.engine.threads import torch_threads
+from common.engine.threads import threaded
 from common.data.images import build_transform
 from papers.zeroshot_clip.method import templates_for
 
@@ -152,18 +152,9 @@ def reproduce(cfg: dict) -> None:
     plot(cfg)
 
 
-def _threaded(fn):
-    """Run a command with `threads` intra-op threads (tiny CPU models: 1 avoids synchronisation costs)."""
-    @functools.wraps(fn)
-    def run(cfg: dict):
-        with torch_threads(cfg.get("threads")):
-            return fn(cfg)
-    return run
-
-
 def main(argv=None):
     cmds = {"train": train, "eval": eval_all, "reproduce": reproduce, "plot": plot}
-    return run_cli(SLUG, CONFIG, {k: _threaded(v) for k, v in cmds.items()},
+    return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in cmds.items()},
                    "WiSE-FT: fine-tune zero-shot CLIP (end-to-end or linear head) and interpolate the weights.", argv)
 
 

@@ -72,7 +72,8 @@ def test_tune_lambda_on_val_with_ties_to_clip():
     labels = torch.tensor([0, 1, 1])
     clip = torch.tensor([[5.0, 0.0], [5.0, 0.0], [5.0, 0.0]])   # CLIP: 1/3 right
     ssl = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])    # SSL: all right
-    # p_clip(y=0) ~ 0.9933, p_ssl(y=0) ~ 0.8808 / 0.1192: rows 2 and 3 flip once lambda < 0.7616 / (0.7616 + 0.9866) = 0.4357
+    # p_clip(y=0) ~ 0.9933, p_ssl(y=0) ~ 0.8808 / 0.1192:
+    # rows 2 and 3 flip once lambda < 0.7616 / (0.7616 + 0.9866) = 0.4357
     assert tune_lambda(clip, ssl, labels, step=0.05) == pytest.approx(0.4)
     assert tune_lambda(clip, clip, labels, step=0.05) == 1.0          # all lambdas tie: keep CLIP
     assert tune_lambda(clip, clip, torch.tensor([1, 1, 1]), 0.05) == 1.0  # all wrong: lambda = 1
