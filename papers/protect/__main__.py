@@ -11,7 +11,6 @@ prompt learner trained with leaf CE only, same shots/seeds/schedule), `zeroshot_
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
@@ -25,6 +24,7 @@ from common.clip import logit_scale, zeroshot_classifier
 from common.data import Dataset, build_dataset, fewshot_split
 from common.engine import TrainConfig, Trainer, index_batches, run_dir, seed_everything, write_record
 from common.engine.protocols import Task, bundle_for, checkpoint_dir
+from common.engine.threads import threaded
 from common.paths import runs_root
 from papers.coop.method import PromptLearner
 
@@ -97,19 +97,6 @@ def eval_cuts(cfg: dict, tax: Taxonomy, dataset: str) -> list[tuple[float, TreeC
 
 
 # ----------------------------------------------------------------------------------------------- model
-@contextlib.contextmanager
-def threads(cfg: dict):
-    """Torch intra-op threads for the text-encoder work (training steps, node prompts at evaluation): on a
-    shared CPU one thread runs these small ops several times faster than two contended ones."""
-    before = torch.get_num_threads()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def build_model(cfg: dict, bundle, tax: Taxonomy, lam: float, collapse_p: float) -> ProTeCt:
     """CoOp's prompt learner over every node name, wrapped in the ProTeCt objective."""
     prompt = PromptLearner(bundle, tax.prompt_names, n_ctx=cfg["n_ctx"], ctx_init=cfg["ctx_init"] or None,
@@ -131,8 +118,7 @@ def fit(task: Task, tax: Taxonomy, lam: float, collapse_p: float, desc: str) -> 
                 for i in index_batches(n, cfg["batch_size"], task.seed, epoch)]
 
     trainer = Trainer(model, TrainConfig.from_dict({**cfg["train"], "seed": task.seed}), task.out_dir, desc=desc)
-    with threads(cfg):
-        trainer.fit(lambda b: model.loss(*b), batches)
+    trainer.fit(lambda b: model.loss(*b), batches)
     return model
 
 
@@ -225,7 +211,7 @@ def run_taxonomic(cfg: dict, methods: list[tuple[str, str, float, float]] | None
                     checkpoint_dir(run_cfg, SLUG, PROTOCOL, name, method, k, seed, variant))
         seed_everything(seed)
         model = fit(task, tax, lam, p, desc=f"{method}{'-' + variant if variant else ''} {name} k{k} s{seed}")
-        with torch.no_grad(), threads(run_cfg):
+        with torch.no_grad():
             for d in evals:
                 tax_d, cuts_d = trees.get(d, name)
                 ds = task.dataset if d == name else trees.dataset(d)
@@ -249,8 +235,7 @@ def run_zeroshot(cfg: dict) -> list[dict]:
             t0 = time.time()
             tax, cuts = trees.get(d, name)
             ds = trees.dataset(d)
-            with threads(dcfg):
-                w = zeroshot_classifier(bundle, tax.prompt_names, [ds.template]).to(bundle.device)
+            w = zeroshot_classifier(bundle, tax.prompt_names, [ds.template]).to(bundle.device)
             values = evaluate(w, logit_scale(bundle), Task(dcfg, bundle, ds, None, 0, None), tax, cuts)
             out.append(_record(dcfg, *ZEROSHOT, d, name, None, 0, values, time.time() - t0))
             write_record(out[-1])
@@ -289,7 +274,9 @@ def reproduce(cfg: dict) -> list[dict]:
 
 
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce},
+    # every command under cfg["threads"] intra-op threads, encoding included (common/engine/threads.py)
+    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce}
+    return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in commands.items()},
                    "ProTeCt (Wu, Ho, Vasconcelos, CVPR 2024): prompts for every taxonomy node trained with the "
                    "dynamic treecut and node-centric losses on top of CoOp; leaf accuracy, HCA and MTA.", argv)
 
