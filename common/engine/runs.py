@@ -9,7 +9,8 @@ A record is a flat, self-describing JSON object, so reports and the leaderboard 
       "variant": "m16_end",         # free-form setting name ("" when none)
       "profile": "embedded",        # embedded | real
       "protocol": "fewshot",        # fewshot | base2novel | cross_dataset | domain_generalization |
-                                    # multilabel | segmentation | test_time | unsupervised | zeroshot
+                                    # multilabel | segmentation | test_time | unsupervised | zeroshot |
+                                    # taxonomic
       "dataset": "emb_objects",     # dataset the metrics were measured on
       "source": "emb_objects",      # dataset trained on (== dataset unless transfer)
       "backbone": "tiny-rn",        # arch name given to load_clip

@@ -26,7 +26,7 @@ FILTER_KEYS = ("paper", "method", "variant", "profile", "protocol", "dataset", "
 # Fields that must take a single value inside one selection (else it mixes different runs).
 SERIES_KEYS = ("method", "variant", "backbone", "protocol", "profile")
 PROTOCOLS = ("fewshot", "base2novel", "cross_dataset", "domain_generalization", "multilabel",
-             "segmentation", "test_time", "unsupervised", "zeroshot")
+             "segmentation", "test_time", "unsupervised", "zeroshot", "taxonomic")
 PROFILES = ("embedded", "real")
 # Embedded stand-ins for the papers' backbones (DESIGN.md section 4).
 STAND_INS = (("rn", "tiny-rn"), ("vit", "tiny-vit"))
