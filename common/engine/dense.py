@@ -77,12 +77,43 @@ def dense_features(bundle: ClipBundle, dataset_name: str, split: str, items: Seq
 
 
 def dense_train_views(bundle: ClipBundle, dataset_name: str, items: Sequence[Datum], mode: str = "attnpool",
-                      transform: str = "train", views: int = 1, batch_size: int = 256) -> list[dict]:
-    """Cached dense features of `views` augmented views of the training items (view v seeded by v)."""
+                      transform: str = "train", views: int = 1, batch_size: int = 256,
+                      pool: Sequence[Datum] | None = None) -> list[dict]:
+    """Cached dense features of `views` augmented views of the training items (view v seeded by v).
+
+    With `pool` (e.g. the full train split, of which `items` is a few-shot subset) the views of the whole pool
+    are encoded once and the items' rows are taken from them, so every shot count and seed shares one
+    encoding per view (worth it when the pool is small, as on the embedded profile)."""
     if views < 1:
         raise ValueError(f"need at least one training view, got {views}")
-    return [dense_features(bundle, dataset_name, "train", items, transform=transform, view=v, mode=mode,
-                           batch_size=batch_size) for v in range(views)]
+    if pool is None:
+        return [dense_features(bundle, dataset_name, "train", items, transform=transform, view=v, mode=mode,
+                               batch_size=batch_size) for v in range(views)]
+    index = {d.impath: i for i, d in enumerate(pool)}
+    missing = [d.impath for d in items if d.impath not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} training items are not in the pool of {dataset_name} (e.g. {missing[0]})")
+    rows = torch.tensor([index[d.impath] for d in items], dtype=torch.long)
+    labels = torch.tensor([d.label for d in items], dtype=torch.long)
+    out = []
+    for v in range(views):
+        f = dense_features(bundle, dataset_name, "train", pool, transform=transform, view=v, mode=mode,
+                           batch_size=batch_size)
+        if not torch.equal(f["labels"][rows], labels):
+            raise ValueError(f"labels of the training items differ from the pool's in {dataset_name}")
+        out.append({"global": f["global"][rows], "dense": f["dense"][rows], "labels": labels})
+    return out
+
+
+def train_pool(dataset_name: str, data_root, choice: str) -> list[Datum] | None:
+    """The `pool` for `dense_train_views`: "full" = the dataset's whole train split, "fewshot" = None (encode
+    only the K-shot items; the right choice where the train split is large, e.g. ImageNet)."""
+    if choice not in ("full", "fewshot"):
+        raise ValueError(f"train_pool must be 'full' or 'fewshot', got {choice!r}")
+    if choice == "fewshot":
+        return None
+    from ..data import build_dataset
+    return build_dataset(dataset_name, data_root).train
 
 
 def fit_dense_head(module: nn.Module, views: list[dict], train_cfg, batch_size: int, seed: int,

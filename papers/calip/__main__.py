@@ -17,7 +17,7 @@ from common.cli import run_cli
 from common.clip import logit_scale, zeroshot_classifier
 from common.data import build_dataset, sample_per_class
 from common.engine import classification_metrics, run_dir, write_record
-from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense
+from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense, train_pool
 from common.engine.protocols import Task, bundle_for, run_fewshot
 from papers.zeroshot_clip.method import templates_for
 
@@ -162,7 +162,8 @@ def fit_calip_fs(task: Task) -> CalipFS:
     model = CalipFS(F_t, b2, b3, logit_scale(task.bundle), cfg["attn_scale"], cfg["normalize_updated"])
     model.to(task.bundle.device)
     views = dense_train_views(task.bundle, task.dataset.name, task.dataset.train, cfg["dense_mode"],
-                              fs["train_transform"], max(1, int(cfg["cache_views"])), cfg["eval_batch_size"])
+                              fs["train_transform"], max(1, int(cfg["cache_views"])), cfg["eval_batch_size"],
+                              train_pool(task.dataset.name, cfg["data_root"], cfg["train_pool"]))
     fit_dense_head(model, views, fs["train"], fs["batch_size"], task.seed, task.out_dir, desc="calip-fs")
     return model
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.cli import run_cli
 from common.clip import logit_scale
 from common.engine import classification_metrics
-from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense
+from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense, train_pool
 from common.engine.protocols import Task, run_fewshot
 from papers.zeroshot_clip.method import zeroshot_weights
 
@@ -44,7 +44,8 @@ def fit(task: Task, alpha: float | None = None) -> VTCLIP:
     if len(alphas) > 1 and not task.dataset.val:
         raise ValueError(f"{task.dataset.name}: choosing alpha among {alphas} needs a validation split")
     views = dense_train_views(task.bundle, task.dataset.name, task.dataset.train, cfg["dense_mode"],
-                              cfg["train_transform"], max(1, int(cfg["cache_views"])), cfg["eval_batch_size"])
+                              cfg["train_transform"], max(1, int(cfg["cache_views"])), cfg["eval_batch_size"],
+                              train_pool(task.dataset.name, cfg["data_root"], cfg["train_pool"]))
     best, best_acc = None, -1.0
     for a in alphas:
         model = build_model(task, float(a))

@@ -24,7 +24,7 @@ class VisualGuidedAttention(nn.Module):
     """Cross-attention from the K class texts (queries) to an image's HW dense tokens (keys/values), + FFN."""
 
     def __init__(self, dim: int, heads: int = 8, ffn_ratio: float = 4.0, dropout: float = 0.1,
-                 layer_norm: bool = True, ffn: bool = True, attn_scale: float | None = None, zero_init: bool = True):
+                 layer_norm: bool = True, ffn: bool = False, attn_scale: float | None = None, zero_init: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -54,6 +54,10 @@ class VisualGuidedAttention(nn.Module):
         q = self._split(self.q_proj(self.norm_q(text)))                  # (h, K, d): shared by all images
         kv = self.norm_kv(tokens)
         k, v = self._split(self.k_proj(kv)), self._split(self.v_proj(kv))  # (N, h, HW, d)
+        # The output projection is linear, so it is applied to the HW values of each head before they are
+        # mixed (N*h*HW rows) rather than to the N*K attended texts: the same result, far cheaper for K >> HW.
+        w_o = self.out_proj.weight.view(self.dim, self.heads, -1)         # (C, h, d): heads are concatenated
+        v_out = torch.einsum("nhjd,chd->nhjc", v, w_o)                    # (N, h, HW, C)
         logits = self.attn_scale * torch.einsum("hkd,nhjd->nhkj", q, k)
         if key_mask is not None:
             if key_mask.shape != tokens.shape[:2]:
@@ -62,8 +66,8 @@ class VisualGuidedAttention(nn.Module):
                 raise ValueError("key_mask hides every token of some image: nothing to attend to")
             logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         weights = logits.softmax(dim=-1)
-        out = self.attn_drop(weights) @ v                                  # (N, h, K, d)
-        return self.out_proj(out.transpose(1, 2).flatten(2)), weights
+        out = torch.einsum("nhkj,nhjc->nkc", self.attn_drop(weights), v_out) + self.out_proj.bias
+        return out, weights
 
     def forward(self, text: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         out, _ = self.attention(text, tokens, key_mask)

@@ -193,3 +193,20 @@ def test_pruned_beta_search_equals_brute_force():
     b2, b3, got = search_betas(terms, labels, g2, g3)
     assert (b2, b3) == (pytest.approx(g2[best // len(g3)]), pytest.approx(g3[best % len(g3)]))
     assert got == pytest.approx(acc.max().item(), abs=1e-4)
+
+
+def test_train_views_from_a_shared_pool_equal_direct_encoding(tmp_path, tiny_rn):
+    from common.data import fewshot_split
+    from common.engine.dense import dense_train_views, train_pool
+    toy_overrides(tmp_path, tiny_rn)
+    full = build_dataset("toy", tmp_path / "data")
+    few = fewshot_split(full, 2, seed=1)
+    pool = train_pool("toy", tmp_path / "data", "full")
+    assert train_pool("toy", tmp_path / "data", "fewshot") is None and len(pool) == len(full.train)
+    direct = dense_train_views(tiny_rn, "toy", few.train, transform="test", views=1)[0]
+    shared = dense_train_views(tiny_rn, "toy", few.train, transform="test", views=1, pool=pool)[0]
+    assert torch.equal(direct["labels"], shared["labels"])
+    assert torch.allclose(direct["global"], shared["global"], atol=1e-5)
+    assert torch.allclose(direct["dense"], shared["dense"], atol=1e-5)
+    with pytest.raises(ValueError, match="not in the pool"):
+        dense_train_views(tiny_rn, "toy", few.train, transform="test", pool=pool[:1])

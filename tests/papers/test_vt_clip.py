@@ -150,3 +150,21 @@ def test_alpha_list_is_chosen_on_val(tmp_path, tiny_rn, monkeypatch):
     best = 0.5 if seen[1][2] > seen[0][2] else 0.0  # ties keep the first listed ratio
     assert seen[2][1] == best
     assert load_records(method="vt_clip")[0]["metrics"]["alpha"] == best
+
+
+def test_attention_equals_torch_multihead_attention():
+    """Same weights in nn.MultiheadAttention (queries = the texts, repeated per image): same output."""
+    torch.manual_seed(0)
+    block = VisualGuidedAttention(32, heads=4, layer_norm=False, ffn=False, zero_init=False).eval()
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([block.q_proj.weight, block.k_proj.weight, block.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([block.q_proj.bias, block.k_proj.bias, block.v_proj.bias]))
+        mha.out_proj.weight.copy_(block.out_proj.weight)
+        mha.out_proj.bias.copy_(block.out_proj.bias)
+    text, tokens = torch.randn(7, 32), torch.randn(3, 5, 32)
+    mask = torch.rand(3, 5) > 0.3
+    mask[:, 0] = True
+    ref, ref_w = mha(text.expand(3, -1, -1), tokens, tokens, key_padding_mask=~mask, average_attn_weights=False)
+    out, w = block.attention(text, tokens, mask)
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(w, ref_w, atol=1e-6)
