@@ -24,6 +24,17 @@ def fit(task: Task, weight: float | None = None):
     return train_kgcoop(task, task.cfg, weight)
 
 
+def for_protocol(cfg: dict, protocol: str) -> dict:
+    """The config with the option overrides of `protocol_overrides.<protocol>` applied."""
+    over = (cfg.get("protocol_overrides") or {}).get(protocol) or {}
+    out = dict(cfg)
+    for k, v in over.items():
+        if k not in cfg:
+            raise ValueError(f"protocol_overrides.{protocol}: unknown option {k!r}")
+        out[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg[k], dict) else v
+    return out
+
+
 def _methods(cfg: dict) -> list[tuple[str, str, float]]:
     out = [(SLUG, "", cfg["weight"])]
     if cfg["run_baseline"]:
@@ -34,6 +45,7 @@ def _methods(cfg: dict) -> list[tuple[str, str, float]]:
 def base2novel(cfg: dict) -> list[dict]:
     """base-to-novel generalisation (train on base classes, test base and novel): KgCoOp and the CoOp baseline"""
     recs = []
+    cfg = for_protocol(cfg, "base2novel")
     for method, variant, w in _methods(cfg):
         recs += run_base2novel(cfg, SLUG, method, partial(fit, weight=w), evaluate, variant=variant,
                                shots=cfg["b2n_shots"])
@@ -43,7 +55,7 @@ def base2novel(cfg: dict) -> list[dict]:
 def fewshot(cfg: dict) -> list[dict]:
     """few-shot classification on all classes (the official script: 4 shots)"""
     recs = []
-    cfg = {**cfg, "batch_size": cfg["fewshot_batch_size"]}
+    cfg = for_protocol(cfg, "fewshot")
     for method, variant, w in _methods(cfg):
         recs += run_fewshot(cfg, SLUG, method, lambda t, w=w: evaluate(fit(t, w), t), variant=variant,
                             shots=cfg["fewshot_shots"])
@@ -53,6 +65,7 @@ def fewshot(cfg: dict) -> list[dict]:
 def domain_generalization(cfg: dict) -> list[dict]:
     """train on the source (ImageNet / emb_objects, all classes), test on its shifted variants"""
     recs = []
+    cfg = for_protocol(cfg, "domain_generalization")
     for method, variant, w in _methods(cfg):
         recs += run_transfer(cfg, SLUG, method, "domain_generalization", partial(fit, weight=w), evaluate,
                              cfg["dg_source"], cfg["dg_targets"], variant=variant, shots=cfg["dg_shots"])

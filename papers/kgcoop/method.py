@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from common.clip import ClipBundle, zeroshot_classifier
 from common.data import Dataset
 from common.engine.protocols import Task
-from papers.coop.method import PromptLearner, train_coop
+from common.engine.threads import torch_threads
+from papers.coop.method import PromptLearner, option, train_coop
 
 # Official per-dataset anchors (trainers/kgcoop.py CUSTOM_TEMPLATES), keyed by this project's dataset names.
 # They equal CoOp's zero-shot templates except DTD. Other datasets (embedded) use their own `template`.
@@ -90,5 +91,6 @@ def train_kgcoop(task: Task, cfg: dict, weight: float | None = None) -> PromptLe
     """KgCoOp on `task` (weight 0: CoOp with the same learner and schedule)."""
     w = cfg["weight"] if weight is None else weight
     learner = build_learner(task.bundle, task.dataset.classnames, cfg)
-    loss = KgLoss(task.bundle, task.dataset.classnames, anchor_template(task.dataset), w, cfg["kg_form"])
+    with torch_threads(option(cfg, "threads")):  # small text batches: extra threads only synchronise
+        loss = KgLoss(task.bundle, task.dataset.classnames, anchor_template(task.dataset), w, cfg["kg_form"])
     return train_coop(task, cfg, learner, loss, desc=f"kgcoop w={w:g} {task.dataset.name} k{task.shots} s{task.seed}")

@@ -278,8 +278,9 @@ def train_lasp(task: Task, cfg: dict, tt_names: Sequence[str]) -> LaspPromptLear
                                 ctx_init=option(cfg, "ctx_init") or None, groups=int(cfg["groups"]),
                                 bias=bool(cfg["bias"])).to(task.bundle.device)
     templates = LASP_TEMPLATES if cfg["templates"] == "lasp" else list(cfg["templates"])
-    loss = LaspLoss(task.bundle, learner, tt_names, templates, cfg["tt_weight"], cfg["tt_noise_std"],
-                    cfg["tt_noise_prob"])
+    with torch_threads(option(cfg, "threads")):  # small text batches: extra threads only synchronise
+        loss = LaspLoss(task.bundle, learner, tt_names, templates, cfg["tt_weight"], cfg["tt_noise_std"],
+                        cfg["tt_noise_prob"])
     if cfg["vision_ln"]:
         return train_with_visual_ln(task, cfg, learner, loss)
     return train_coop(task, cfg, learner, loss, desc=f"lasp {task.dataset.name} k{task.shots} s{task.seed}")
@@ -288,6 +289,11 @@ def train_lasp(task: Task, cfg: dict, tt_names: Sequence[str]) -> LaspPromptLear
 @torch.no_grad()
 def evaluate_lasp(state: LaspPromptLearner | LaspModel, task: Task) -> dict[str, float]:
     """Top-1 with prompts for the task's class names; LASP-RP encodes the test images with its tuned tower."""
+    with torch_threads(option(task.cfg, "threads")):
+        return _evaluate(state, task)
+
+
+def _evaluate(state: LaspPromptLearner | LaspModel, task: Task) -> dict[str, float]:
     learner = state.learner if isinstance(state, LaspModel) else state
     weights = class_weights(learner, task.dataset.classnames)
     scale = logit_scale(task.bundle)

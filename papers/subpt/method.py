@@ -28,6 +28,7 @@ from common.clip import IMAGENET_TEMPLATES, ClipBundle, zeroshot_classifier
 from common.data import Dataset
 from common.engine import index_batches, items_digest
 from common.engine.protocols import Task
+from common.engine.threads import torch_threads
 from common.paths import runs_root
 from papers.coop.method import PromptLearner, epochs_for, option, train_coop
 
@@ -139,8 +140,9 @@ class NflLoss:
                                                           if k in ("n_ctx", "ctx_init", "class_token_position")})
         self.extra.ctx.requires_grad_(False)
         self.extra.to(bundle.device)
-        self.targets = zeroshot_classifier(bundle, list(self.extra.classnames), list(templates),
-                                           cache_dir=None).float().to(bundle.device)
+        # z_j: frozen zero-shot CLIP ensemble features, computed once (disk-cached per checkpoint/names/templates)
+        self.targets = zeroshot_classifier(bundle, list(self.extra.classnames), list(templates)).float().to(
+            bundle.device)
 
     def __call__(self, learner: PromptLearner, logits: torch.Tensor, labels: torch.Tensor,
                  class_embeddings: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -212,7 +214,8 @@ def train_stage1(task: Task, cfg: dict, nfl: tuple[list[str], list[str]] | None 
         raise ValueError(f"t_early = {t_early} exceeds the {epochs_for(cfg, task)} training epochs")
     spe = steps_per_epoch(len(task.dataset.train), int(option(cfg, "batch_size")))
     learner = learner_for(task, cfg, RecordingPromptLearner, t_early=t_early, steps_per_epoch=spe)
-    loss = NflLoss(task.bundle, learner, *nfl, weight=cfg["nfl_weight"]) if nfl else None
+    with torch_threads(option(cfg, "threads")):  # small text batches: extra threads only synchronise
+        loss = NflLoss(task.bundle, learner, *nfl, weight=cfg["nfl_weight"]) if nfl else None
     run = Task(task.cfg, task.bundle, task.dataset, task.shots, task.seed, out_dir or task.out_dir, task.extra)
     train_coop(run, cfg, learner, loss, desc=f"{'coop+nfl' if nfl else 'coop'} {task.dataset.name} "
                                              f"k{task.shots} s{task.seed}")
@@ -239,6 +242,7 @@ def train_subpt(task: Task, cfg: dict, nfl: tuple[list[str], list[str]] | None =
         basis = trajectory_basis(load_or_train_stage1(task, cfg, nfl), rank_for(cfg, task))
     learner = learner_for(task, cfg)
     attach_projection(learner.ctx, basis)
-    loss = NflLoss(task.bundle, learner, *nfl, weight=cfg["nfl_weight"]) if nfl else None
+    with torch_threads(option(cfg, "threads")):
+        loss = NflLoss(task.bundle, learner, *nfl, weight=cfg["nfl_weight"]) if nfl else None
     return train_coop(task, cfg, learner, loss, desc=f"subpt{'+nfl' if nfl else ''} {task.dataset.name} "
                                                       f"k{task.shots} s{task.seed}")

@@ -104,7 +104,7 @@ def test_anchor_templates_follow_the_official_code():
 
 
 def test_reproduce_smoke_on_toy(tmp_path, tiny_vit):
-    sets = toy_overrides(tmp_path, tiny_vit, {"epochs": 2, "batch_size": 4, "fewshot_batch_size": 4,
+    sets = toy_overrides(tmp_path, tiny_vit, {"epochs": 2, "batch_size": 4, "protocol_overrides.fewshot.batch_size": 4,
                                               "b2n_shots": 2, "dg_shots": 2, "fewshot_shots": "[1]"})
     kg_main.main(["reproduce", *sets])
     b2n = load_records(paper="kgcoop", protocol="base2novel")
