@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from common.cli import run_cli
+from common.engine import load_records
 from common.engine.protocols import Task, run_base2novel, run_fewshot, run_transfer
 from papers.coop.method import evaluate
 
@@ -71,6 +72,19 @@ def domain_generalization(cfg: dict) -> list[dict]:
                              cfg["dg_source"], cfg["dg_targets"], variant=variant, shots=cfg["dg_shots"])
     return recs
 
+def summarize(cfg: dict, protocol: str) -> list[dict]:
+    """Print seed means of this paper's records of `protocol` on the current profile and backbone."""
+    recs = load_records(paper=SLUG, protocol=protocol, profile=cfg["profile"], backbone=cfg["arch"])
+    cells: dict[tuple, list[dict]] = {}
+    for r in recs:
+        cells.setdefault((r["method"], r["variant"], r["dataset"], r["shots"]), []).append(r["metrics"])
+    for (method, variant, dataset, shots), ms in sorted(cells.items(), key=lambda kv: [str(x) for x in kv[0]]):
+        means = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
+        shown = "  ".join(f"{k} {v:6.2f}" for k, v in means.items() if k != "mean_per_class")
+        print(f"{protocol:>14s} {method + ('/' + variant if variant else ''):>22s} {dataset:>24s} k={shots} "
+              f"seeds={len(ms)}  {shown}")
+    return recs
+
 
 def train(cfg: dict) -> list[dict]:
     """the paper's main protocol, base-to-novel (trains and writes records; finished runs are skipped)"""
@@ -78,8 +92,9 @@ def train(cfg: dict) -> list[dict]:
 
 
 def evaluate_cmd(cfg: dict) -> list[dict]:
-    """same as train: each run is evaluated as soon as it is trained (finished runs are skipped)"""
-    return base2novel(cfg)
+    """runs whatever `train` has not finished yet, then prints the seed means of the run records"""
+    base2novel(cfg)
+    return summarize(cfg, "base2novel")
 
 
 def reproduce(cfg: dict) -> None:
@@ -87,6 +102,8 @@ def reproduce(cfg: dict) -> None:
     base2novel(cfg)
     fewshot(cfg)
     domain_generalization(cfg)
+    for protocol in ["base2novel", "fewshot", "domain_generalization"]:
+        summarize(cfg, protocol)
 
 
 def main(argv=None):

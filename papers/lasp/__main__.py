@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.cli import run_cli
 from common.data import build_dataset
+from common.engine import load_records
 from common.engine.protocols import Task, run_base2novel
 
 from .method import evaluate_lasp, train_lasp
@@ -74,6 +75,19 @@ def base2novel(cfg: dict, names: list[str] | None = None) -> list[dict]:
         recs += run_base2novel(vcfg, SLUG, method, fit, evaluate_lasp, variant=variant, shots=vcfg["b2n_shots"])
     return recs
 
+def summarize(cfg: dict, protocol: str) -> list[dict]:
+    """Print seed means of this paper's records of `protocol` on the current profile and backbone."""
+    recs = load_records(paper=SLUG, protocol=protocol, profile=cfg["profile"], backbone=cfg["arch"])
+    cells: dict[tuple, list[dict]] = {}
+    for r in recs:
+        cells.setdefault((r["method"], r["variant"], r["dataset"], r["shots"]), []).append(r["metrics"])
+    for (method, variant, dataset, shots), ms in sorted(cells.items(), key=lambda kv: [str(x) for x in kv[0]]):
+        means = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
+        shown = "  ".join(f"{k} {v:6.2f}" for k, v in means.items() if k != "mean_per_class")
+        print(f"{protocol:>14s} {method + ('/' + variant if variant else ''):>22s} {dataset:>24s} k={shots} "
+              f"seeds={len(ms)}  {shown}")
+    return recs
+
 
 def train(cfg: dict) -> list[dict]:
     """base-to-novel runs of one variant (--set variant=NAME, default lasp_v, the released configuration)"""
@@ -81,13 +95,15 @@ def train(cfg: dict) -> list[dict]:
 
 
 def evaluate_cmd(cfg: dict) -> list[dict]:
-    """same as train: each run is evaluated as soon as it is trained (finished runs are skipped)"""
-    return train(cfg)
+    """runs whatever `train` has not finished yet, then prints the seed means of the run records"""
+    train(cfg)
+    return summarize(cfg, "base2novel")
 
 
 def reproduce(cfg: dict) -> None:
     """base-to-novel for CoOp and every LASP variant in `reproduce_variants` (the paper's ablation rows)"""
     base2novel(cfg)
+    summarize(cfg, "base2novel")
 
 
 def main(argv=None):

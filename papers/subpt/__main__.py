@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.cli import run_cli
 from common.data import build_dataset
+from common.engine import load_records
 from common.engine.protocols import Task, run_base2novel, run_fewshot, run_transfer
 from papers.cocoop.method import CoCoOpPromptLearner, train_cocoop
 from papers.cocoop.method import evaluate as evaluate_cocoop
@@ -105,6 +106,19 @@ def domain_generalization(cfg: dict) -> list[dict]:
                              cfg["dg_source"], cfg["dg_targets"], variant=variant, shots=cfg["dg_shots"])
     return recs
 
+def summarize(cfg: dict, protocol: str) -> list[dict]:
+    """Print seed means of this paper's records of `protocol` on the current profile and backbone."""
+    recs = load_records(paper=SLUG, protocol=protocol, profile=cfg["profile"], backbone=cfg["arch"])
+    cells: dict[tuple, list[dict]] = {}
+    for r in recs:
+        cells.setdefault((r["method"], r["variant"], r["dataset"], r["shots"]), []).append(r["metrics"])
+    for (method, variant, dataset, shots), ms in sorted(cells.items(), key=lambda kv: [str(x) for x in kv[0]]):
+        means = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
+        shown = "  ".join(f"{k} {v:6.2f}" for k, v in means.items() if k != "mean_per_class")
+        print(f"{protocol:>14s} {method + ('/' + variant if variant else ''):>22s} {dataset:>24s} k={shots} "
+              f"seeds={len(ms)}  {shown}")
+    return recs
+
 
 def train(cfg: dict) -> list[dict]:
     """few-shot CoOp and CoOp+SubPT(+NFL) (the runs of `runs.fewshot`); writes run records"""
@@ -112,8 +126,9 @@ def train(cfg: dict) -> list[dict]:
 
 
 def evaluate_cmd(cfg: dict) -> list[dict]:
-    """same as train: each run is evaluated as soon as it is trained (finished runs are skipped)"""
-    return fewshot(cfg)
+    """runs whatever `train` has not finished yet, then prints the seed means of the run records"""
+    fewshot(cfg)
+    return summarize(cfg, "fewshot")
 
 
 def reproduce(cfg: dict) -> None:
@@ -121,6 +136,8 @@ def reproduce(cfg: dict) -> None:
     fewshot(cfg)
     base2novel(cfg)
     domain_generalization(cfg)
+    for protocol in ["fewshot", "base2novel", "domain_generalization"]:
+        summarize(cfg, protocol)
 
 
 def main(argv=None):

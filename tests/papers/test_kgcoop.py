@@ -107,6 +107,7 @@ def test_reproduce_smoke_on_toy(tmp_path, tiny_vit):
     sets = toy_overrides(tmp_path, tiny_vit, {"epochs": 2, "batch_size": 4, "protocol_overrides.fewshot.batch_size": 4,
                                               "b2n_shots": 2, "dg_shots": 2, "fewshot_shots": "[1]"})
     kg_main.main(["reproduce", *sets])
+    assert len(kg_main.main(["eval", *sets])) == len(load_records(paper="kgcoop", protocol="base2novel"))
     b2n = load_records(paper="kgcoop", protocol="base2novel")
     assert sorted((r["method"], r["variant"]) for r in b2n) == [("coop", "m4_end_ctxv1"), ("kgcoop", "")]
     assert all(set(r["metrics"]) == {"base", "novel", "hm"} for r in b2n)

@@ -179,6 +179,7 @@ def test_novel_names_for_virtual_classes(tmp_path, tiny_vit):
 def test_reproduce_smoke_on_toy(tmp_path, tiny_vit):
     sets = toy_overrides(tmp_path, tiny_vit, {"epochs": 2, "batch_size": 4, "b2n_shots": 2, "train.warmup_epochs": 1})
     lasp_main.main(["reproduce", *sets])
+    assert len(lasp_main.main(["eval", *sets])) == len(load_records(paper="lasp", protocol="base2novel"))
     recs = load_records(paper="lasp", protocol="base2novel")
     assert sorted((r["method"], r["variant"]) for r in recs) == [("coop", "m4_end_ctxv1"), ("lasp", "lasp"),
                                                                  ("lasp", "lasp_rp"), ("lasp", "lasp_v")]

@@ -167,6 +167,7 @@ def test_reproduce_smoke_on_toy(tmp_path, tiny_rn):
                                              "nfl_source": "toy", "nfl_num_names": 2, "runs.fewshot": "[sub, coop]",
                                              "runs.base2novel": "[sub_nfl, nfl, cocoop]", "cocoop.epochs": 1, "cocoop.batch_size": 4, "runs.domain_generalization": "[sub]"})
     sp_main.main(["reproduce", *sets])
+    assert len(sp_main.main(["eval", *sets])) == len(load_records(paper="subpt", protocol="fewshot"))
     few = load_records(paper="subpt", protocol="fewshot")
     assert sorted((r["method"], r["variant"]) for r in few) == [("coop", "m4_end"), ("subpt", "sub")]
     b2n = load_records(paper="subpt", protocol="base2novel")
