@@ -60,7 +60,7 @@ class Report:
         has_real = any(r["profile"] == "real" for r in self.used)
         parts = [self.header(), self.summary(verdicts, has_real), self.paper_numbers(),
                  self.our_numbers("embedded"), self.claims(verdicts, has_real), self.real_section(has_real),
-                 self.deviations(), self.commands()]
+                 self.own_figures(), self.deviations(), self.commands()]
         return "\n\n".join(p.strip() for p in parts if p) + "\n"
 
     def header(self) -> str:
@@ -263,6 +263,21 @@ class Report:
                          fmt(rep.value) + ("" if rep.verified else " †"), fmt_pm(m, s) + f" ({n})",
                          f"{m - rep.value:+.2f}"])
         return rows, unmatched
+
+    def own_figures(self) -> str:
+        """Figures the paper's entry point draws itself from its run outputs (e.g. a search heat map)."""
+        if not self.paper.figures:
+            return ""
+        shown = [f for f in self.paper.figures if (self.out_dir / f["path"]).is_file()]
+        blocks = ["## Paper-specific figures"]
+        for f in shown:
+            blocks.append(f"![{f['caption'] or f['path']}]({f['path']})")
+            if f["caption"]:
+                blocks.append(f"*{f['caption']}*")
+        missing = [f["path"] for f in self.paper.figures if f not in shown]
+        if missing:
+            blocks.append(f"Not drawn yet (no run output): {', '.join(missing)}.")
+        return "\n\n".join(blocks)
 
     def deviations(self) -> str:
         devs = self.paper.deviations

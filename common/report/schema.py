@@ -45,6 +45,8 @@ Schema (unknown keys are errors, so typos cannot silently drop a number)::
     deviations:                        # optional: differences from the official code
       - "Context length 20 instead of 77 on the embedded tiny CLIPs"
       - {what: "...", why: "..."}
+    figures:                           # optional: the paper's own figures (files in its folder, made by its
+      - {path: heatmap_alpha_beta.png, caption: "alpha/beta search on val"}   #  entry point from run outputs)
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ from .expr import Expression, ExpressionError
 from .records import PROFILES, PROTOCOLS, norm, stand_in
 
 TOP_KEYS = {"slug", "title", "authors", "venue", "year", "arxiv", "official_repo", "url", "note", "backbone",
-            "embedded_backbone", "defaults", "compare", "reported", "claims", "deviations"}
+            "embedded_backbone", "defaults", "compare", "reported", "claims", "deviations", "figures"}
 REQUIRED_TOP = ("slug", "title", "authors", "venue", "year", "arxiv", "official_repo", "reported", "claims")
 ROW_KEYS = {"protocol", "dataset", "backbone", "shots", "method", "variant", "metric", "value", "table",
             "verified", "note", "source", "values"}
@@ -118,6 +120,7 @@ class Paper:
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     compare: list[str] = field(default_factory=list)
     deviations: list[dict[str, str]] = field(default_factory=list)
+    figures: list[dict[str, str]] = field(default_factory=list)
     path: Path | None = None
 
     def backbone_for(self, profile: str, claim: Claim | None = None) -> str | None:
@@ -235,11 +238,19 @@ def parse_paper(data: Any, where: str = "paper.yaml", folder: str | None = None,
         else:
             fail(f"deviations[{i}] must be a string or {{what: ..., why: ...}}")
 
+    figures = []
+    for i, f in enumerate(data.get("figures") or []):
+        if not (isinstance(f, dict) and set(f) <= {"path", "caption"} and isinstance(f.get("path"), str)
+                and not f["path"].startswith("fig_") and "/" not in f["path"]):
+            fail(f"figures[{i}] must be {{path: <file in the paper folder, not fig_*>, caption: ...}}")
+        figures.append({"path": f["path"], "caption": str(f.get("caption") or "").strip()})
+
     return Paper(slug=slug, title=_str(data["title"], "title", fail), authors=list(authors),
                  venue=_str(data["venue"], "venue", fail), year=year, arxiv=arxiv, official_repo=repo,
                  reported=reported, claims=claims, url=data.get("url"), note=data.get("note"),
                  backbone=data.get("backbone"), embedded_backbone=data.get("embedded_backbone"),
-                 defaults=defaults, compare=list(compare), deviations=deviations, path=path)
+                 defaults=defaults, compare=list(compare), deviations=deviations, figures=figures,
+                 path=path)
 
 
 def _keys(d: dict, allowed: set, required: tuple, what: str, fail) -> None:

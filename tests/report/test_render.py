@@ -98,3 +98,19 @@ def test_cli(tmp_path, capsys):
     assert (out / "reports" / "leaderboard.md").exists()
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_paper_specific_figures_are_linked_when_drawn(tmp_path):
+    import yaml
+
+    from common.report.render import write_report
+    papers = tmp_path / "papers"
+    (papers / "demo").mkdir(parents=True)
+    (papers / "demo" / "paper.yaml").write_text(yaml.safe_dump({
+        "slug": "demo", "title": "Demo", "authors": ["A"], "venue": "X", "year": 2024, "arxiv": "0000.00000",
+        "official_repo": "a/b", "reported": [], "claims": [],
+        "figures": [{"path": "heat.png", "caption": "search grid"}, {"path": "later.png"}]}))
+    (papers / "demo" / "heat.png").write_bytes(b"png")
+    write_report("demo", papers_root=papers, runs_root=tmp_path / "runs")
+    text = (papers / "demo" / "REPORT.md").read_text()
+    assert "![search grid](heat.png)" in text and "Not drawn yet (no run output): later.png." in text
