@@ -100,21 +100,24 @@ def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
 
 
 @torch.no_grad()
-def quick_zero_shot(model, tokenizer, image_size: int, seed: int = 12345, n: int = 512) -> dict[str, float]:
-    """Progress check on fresh photo-style single objects: object-name and colour zero-shot accuracy."""
+def quick_zero_shot(model, tokenizer, image_size: int, seed: int = 12345, n: int = 512,
+                    dist: Distribution = Distribution()) -> dict[str, float]:
+    """Progress check on fresh photo-style single objects of the distribution's kinds: object-name and
+    colour zero-shot accuracy."""
     from .vocab import COLOURS, KINDS
     from .world import ALL_KINDS
     rng = np.random.default_rng(seed)
-    kinds = rng.choice(ALL_KINDS, n)
+    pool = sorted(k for k in dist.kinds if k in ALL_KINDS)
+    kinds = rng.choice(pool, n)
     basic = [i for i, c in enumerate(COLOURS) if c.basic == c.name]
     colours = rng.choice(basic, n)
-    spec, _ = sample_scenes(rng, n, Distribution(), 64, fixed={"kind": kinds, "style": np.zeros(n, int), "colour": colours,
-                                                                  "count": np.ones(n, int)})
+    spec, _ = sample_scenes(rng, n, dist, 64, fixed={"kind": kinds, "style": np.zeros(n, int), "colour": colours,
+                                                     "count": np.ones(n, int)})
     imgs = render(spec, rng, 64)
     model.eval()
     feats = F.normalize(model.encode_image(to_model_input(imgs, image_size)), dim=-1)
     out = {}
-    for name, labels, classes, tmpl in (("object", kinds, [k.name for k in KINDS], "a photo of a {}."),
+    for name, labels, classes, tmpl in (("object", np.searchsorted(pool, kinds), [KINDS[k].name for k in pool], "a photo of a {}."),
                                         ("colour", np.searchsorted(basic, colours), [COLOURS[i].name for i in basic], "a photo of a {} object.")):
         t = F.normalize(model.encode_text(tokenizer([tmpl.format(c) for c in classes])), dim=-1)
         out[name] = float(((feats @ t.T).argmax(1).numpy() == labels).mean())
@@ -211,12 +214,12 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
         log["loss"].append(round(float(loss), 4))
         bar.set_postfix(loss=f"{loss:.3f}", scale=f"{float(model.logit_scale.exp()):.1f}")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            ev = quick_zero_shot(model, tokenizer, image_size, n=eval_n)
+            ev = quick_zero_shot(model, tokenizer, image_size, n=eval_n, dist=dist)
             log["evals"].append({"step": step + 1, "min": round((time.time() - t_train) / 60, 2), **ev})
             tqdm.write(f"step {step + 1}: {ev}")
     train_s = time.time() - t_train
     model.eval()
-    ev = quick_zero_shot(model, tokenizer, image_size, n=eval_n)
+    ev = quick_zero_shot(model, tokenizer, image_size, n=eval_n, dist=dist)
     log["evals"].append({"step": steps, "min": round(train_s / 60, 2), **ev})
     log.update(train_s=round(train_s, 1), total_s=round(time.time() - t_start, 1), s_per_step=round(train_s / max(steps, 1), 3))
     model = model.to(memory_format=torch.contiguous_format)

@@ -1,6 +1,6 @@
 """Generated parts of data/README.md: the sample grid (PNG) and the zero-shot vs linear-probe table.
 
-    python -m common.data.synthetic.readme --root data/embedded --grid data/embedded_samples.png \\
+    python -m common.data.synthetic.readme --root data/embedded --grid data/samples.png \\
         --probe data/embedded/probe/tiny-rn.json data/embedded/probe/tiny-vit.json --readme data/README.md
 
 The README keeps hand-written text; the blocks between `<!-- BEGIN generated:NAME -->` and
@@ -69,6 +69,19 @@ def sample_grid(root: str | Path, out: str | Path, per_row: int = 10, seed: int 
     return out
 
 
+def suite_table(root: str | Path | None = None) -> str:
+    """The catalogue as a markdown table (with the written split sizes when the suite is on disk)."""
+    sizes = {}
+    if root is not None and (Path(root) / "suite.json").is_file():
+        sizes = json.loads((Path(root) / "suite.json").read_text())["sets"]
+    lines = ["| dataset | folder | classes | template | train / val / test | what |", "|---|---|---|---|---|---|"]
+    for name, info in SETS.items():
+        sz = sizes.get(name)
+        split = f"{sz['train']} / {sz['val']} / {sz['test']}" if sz else "/".join(map(str, info.per_class)) + " per class"
+        lines.append(f"| `{name}` | `{info.folder}` | {len(info.classnames)} | `{info.template}` | {split} | {info.about} |")
+    return "\n".join(lines)
+
+
 def example_captions(n: int = 8, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     _, infos = sample_scenes(rng, n, Distribution(), 64)
@@ -86,7 +99,7 @@ def replace_block(text: str, name: str, body: str) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/embedded")
-    ap.add_argument("--grid", default="data/embedded_samples.png")
+    ap.add_argument("--grid", default="data/samples.png")
     ap.add_argument("--probe", nargs="*", default=[], help="probe JSON files (python -m common.data.synthetic.probe --json)")
     ap.add_argument("--readme", default="data/README.md")
     a = ap.parse_args(argv)
@@ -94,6 +107,7 @@ def main(argv=None) -> None:
     readme = Path(a.readme)
     text = readme.read_text() if readme.is_file() else "# data\n"
     text = replace_block(text, "captions", "\n".join(f"- `{c}`" for c in example_captions()))
+    text = replace_block(text, "suite", suite_table(a.root))
     if a.probe:
         results = {}
         for p in a.probe:

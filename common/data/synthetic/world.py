@@ -39,16 +39,18 @@ class Distribution:
     basic_colour_weight: float = 2.0  # basic colours are this much more frequent than shades
     solid_share: float = 0.4  # share of objects without a fill pattern
     patterns: tuple[int, ...] = tuple(range(len(PATTERNS)))
-    styles: dict = field(default_factory=lambda: {"photo": 0.6, "cartoon": 0.15, "sketch": 0.07, "cluttered": 0.18})
+    styles: dict = field(default_factory=lambda: {"photo": 0.65, "cartoon": 0.15, "sketch": 0.07, "cluttered": 0.13})
     posts: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0)  # none, mosaic, neon, painting
-    groups: tuple[float, ...] = (0.7, 0.22, 0.08)  # P(1, 2, 3 groups of objects)
+    groups: tuple[float, ...] = (0.75, 0.2, 0.05)  # P(1, 2, 3 groups of objects)
     counts: tuple[float, ...] = (0.7, 0.12, 0.1, 0.08)  # P(count = 1..4) per group
     backgrounds: dict = field(default_factory=lambda: {"scene": 0.55, "plain": 0.2, "gradient": 0.1, "pattern": 0.08, "noise": 0.07})
     scenes: tuple[int, ...] = tuple(range(len(SCENES)))
-    sizes: tuple[float, ...] = (0.3, 0.4, 0.3)  # small, medium, large (single objects)
+    sizes: tuple[float, ...] = (0.25, 0.4, 0.35)  # small, medium, large (single objects)
     rot_deg: float = 15.0
     aspect: tuple[float, float] = (0.85, 1.15)
     camouflage: float = 0.0  # P(background colour close to the object's)
+    bg_mute: tuple[float, float] = (0.3, 0.7)  # plain/gradient/noise/pattern backgrounds are mixed this much with gray
+    contrast: float = 0.3  # ... and pushed at least this far in luminance from the first object (edges stay visible)
     distractors: tuple[int, int] = (2, 5)  # cluttered: small unnamed objects behind
     occluders: tuple[int, int] = (1, 2)  # cluttered: objects drawn over the main one
     noise: tuple[float, float] = (0.01, 0.05)  # photo pixel noise sigma
@@ -122,6 +124,8 @@ def sample_scenes(rng: np.random.Generator, n: int, dist: Distribution = Distrib
         return pr.choices(opts, cum_weights=cw)[0]
 
     infos: list[SceneInfo] = []
+    main_slot = np.full(n, -1)
+    camo = np.zeros(n, bool)
     for i in range(n):
         st = int(fixed["style"][i]) if "style" in fixed else choice(style_opts, style_cw)
         spec.style[i] = st
@@ -187,6 +191,7 @@ def sample_scenes(rng: np.random.Generator, n: int, dist: Distribution = Distrib
             for _ in range(pr.randint(*dist.occluders)):
                 a, d = pr.uniform(0, 2 * math.pi), r0 * pr.uniform(0.7, 1.1)
                 front.append(clutter(cx0 + d * math.cos(a), cy0 + d * math.sin(a), r0 * pr.uniform(0.45, 0.7)))
+        main_slot[i] = len(behind) if named else -1
         for k, (kind, colour, pattern, cx, cy, r) in enumerate((behind + named + front)[:K]):
             spec.active[i, k] = True
             spec.kind[i, k], colour_idx[i, k], spec.pat[i, k] = kind, colour, pattern
@@ -205,6 +210,7 @@ def sample_scenes(rng: np.random.Generator, n: int, dist: Distribution = Distrib
             spec.bg[i] = pr.choice(dist.scenes) if bgt == "scene" else BACKGROUNDS.index(bgt)
         if pr.random() < dist.camouflage:
             bg_colour = main_colour
+            camo[i] = bool(groups)
         else:
             bg_colour = pr.choice([c for c in range(len(COLOURS)) if COLOURS[c].basic != COLOURS[main_colour].basic])
         spec.bg_pat[i] = int(fixed["bg_pat"][i]) if "bg_pat" in fixed else pr.randrange(1, len(PATTERNS))
@@ -222,10 +228,22 @@ def sample_scenes(rng: np.random.Generator, n: int, dist: Distribution = Distrib
     other = _PALETTE[rng.integers(len(COLOURS), size=(n, K))]
     spec.pat_rgb[:] = np.where(rng.random((n, K, 1)) < 0.5, light_or_dark, other)
     spec.pat_freq[:] = rng.uniform(2.0, 4.0, (n, K))
-    camo = np.array([bool(inf.groups) and inf.bg_colour == inf.groups[0].colour for inf in infos])
-    jit = np.where(camo[:, None], rng.normal(0, 0.08, (n, 3)), rng.normal(0, 0.03, (n, 3)))
-    spec.bg_rgb1[:] = np.clip(spec.bg_rgb1 * np.where(camo, 1.0, rng.uniform(0.8, 1.1, n))[:, None] + jit, 0, 1)
-    spec.bg_rgb2[:] = np.clip(_PALETTE[rng.integers(len(COLOURS), size=n)] * rng.uniform(0.6, 1.0, (n, 1)), 0, 1)
+    # backgrounds: muted towards gray and pushed away in luminance from the first object, so that its
+    # outline is visible (a CNN learns shape far faster from luminance edges); camouflage keeps its colour
+    has_obj = main_slot >= 0
+    main_rgb = spec.rgb[np.arange(n), np.maximum(main_slot, 0)]
+    mute = np.where(has_obj, rng.uniform(*dist.bg_mute, n), 0.0)[:, None].astype(np.float32)
+    bg1 = spec.bg_rgb1 * rng.uniform(0.8, 1.1, (n, 1)) + rng.normal(0, 0.03, (n, 3))
+    bg2 = _PALETTE[rng.integers(len(COLOURS), size=n)] * rng.uniform(0.6, 1.0, (n, 1))
+    bg1, bg2 = ((1 - mute) * b + mute * 0.5 for b in (bg1, bg2))
+    lo = main_rgb @ _LUM
+    for b in (bg1, bg2):
+        lb = b @ _LUM
+        target = np.where(lo > 0.5, np.minimum(lb, lo - dist.contrast), np.maximum(lb, lo + dist.contrast))
+        b += np.where(has_obj, target - lb, 0.0)[:, None]
+    bg1 = np.where(camo[:, None], main_rgb + rng.normal(0, 0.08, (n, 3)), bg1)
+    spec.bg_rgb1[:] = np.clip(bg1, 0, 1)
+    spec.bg_rgb2[:] = np.clip(bg2, 0, 1)
     spec.bg_freq[:] = rng.uniform(3, 8, n)
     spec.bg_rand[:] = rng.random((n, 4))
     spec.noise[:] = np.where(style == PHOTO, rng.uniform(*dist.noise, n), np.where(style == CLUTTERED, rng.uniform(0.03, 0.07, n), 0.0))
@@ -235,6 +253,7 @@ def sample_scenes(rng: np.random.Generator, n: int, dist: Distribution = Distrib
     return spec, infos
 
 
+_LUM = np.array([0.299, 0.587, 0.114], np.float32)
 _SECONDARY_TABLE = np.full((NUM_KINDS + len(DIGIT_KINDS), 3), np.nan, np.float32)
 for _i, _sec in enumerate(_SECONDARY):
     if _sec is not None:
