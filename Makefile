@@ -17,7 +17,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-repro: $(STAMP)
+FASHION := /usr/share/datasets/fashion-mnist
+
+# Real Fashion-MNIST images for the embedded suite come from Debian's dataset-fashion-mnist package.
+$(FASHION):
+	@command -v apt-get >/dev/null || { echo "need $(FASHION): install Debian's dataset-fashion-mnist"; exit 1; }
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+repro: $(STAMP) $(FASHION)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 clean-venv:
