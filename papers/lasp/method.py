@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Sequence
 
 import torch
@@ -116,22 +117,23 @@ class LaspPromptLearner(PromptLearner):
         return g[0] if self.groups == 1 else F.normalize(g.mean(0), dim=-1)
 
 
-_TEMPLATE_MEMO: dict[tuple, torch.Tensor] = {}
+_TEMPLATE_MEMO: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
 def template_embeddings(bundle: ClipBundle, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """(L, A, D) normalised frozen-CLIP text features of every template filled with every name, encoded in
     one batched pass (memoised per process: the variants of a run share them)."""
-    key = (bundle.checkpoint_id, bundle.arch, tuple(names), tuple(templates))
-    if key not in _TEMPLATE_MEMO:
+    memo = _TEMPLATE_MEMO.setdefault(bundle.model, {})
+    key = (tuple(names), tuple(templates))
+    if key not in memo:
         ids = tokenize(bundle, [t.format(n) for t in templates for n in names], device=bundle.device)
         was = bundle.model.training
         bundle.model.eval()
         feats = torch.cat([bundle.model.encode_text(chunk).float() for chunk in ids.split(1024)])
         bundle.model.train(was)
-        _TEMPLATE_MEMO[key] = F.normalize(feats, dim=-1).view(len(templates), len(names), -1)
-    return _TEMPLATE_MEMO[key]
+        memo[key] = F.normalize(feats, dim=-1).view(len(templates), len(names), -1)
+    return memo[key]
 
 
 class LaspLoss:

@@ -176,15 +176,16 @@ def nfl_names(task: Task, cfg: dict, novel_names: Sequence[str] | None) -> tuple
     return [source.classnames[i] for i in order], ensemble_templates(source)
 
 
-def trajectory_file(task: Task, cfg: dict, stage1: str) -> Path:
+def trajectory_file(task: Task, cfg: dict, nfl: tuple[list[str], list[str]] | None = None) -> Path:
     """Where the stage-1 iterates of this run are kept (keyed by everything that determines them)."""
-    key = json.dumps([stage1, task.bundle.arch, task.bundle.checkpoint_id, task.dataset.name,
+    key = json.dumps([task.bundle.arch, task.bundle.checkpoint_id, task.dataset.name,
                       items_digest(task.dataset.train), task.shots, task.seed, option(cfg, "n_ctx"),
-                      option(cfg, "ctx_init"), option(cfg, "batch_size"), epochs_for(cfg, task),
-                      cfg.get("train"), option(cfg, "cache_views"), t_early_for(cfg, task),
-                      cfg.get("nfl_weight"), cfg.get("nfl_num_names")], sort_keys=True, default=str)
+                      option(cfg, "ctx_init"), option(cfg, "csc"), option(cfg, "class_token_position"),
+                      option(cfg, "batch_size"), epochs_for(cfg, task), cfg.get("train"), option(cfg, "cache_views"),
+                      t_early_for(cfg, task), nfl and [nfl, cfg.get("nfl_weight")]], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return runs_root() / "subpt" / "_trajectories" / f"{task.dataset.name}-k{task.shots}-s{task.seed}-{digest}.pt"
+    kind = "nfl" if nfl else "coop"
+    return runs_root() / "subpt" / "_trajectories" / f"{task.dataset.name}-k{task.shots}-s{task.seed}-{kind}-{digest}.pt"
 
 
 def _by_shots(table: dict, shots: int | None, what: str) -> int:
@@ -220,7 +221,7 @@ def train_stage1(task: Task, cfg: dict, nfl: tuple[list[str], list[str]] | None 
     train_coop(run, cfg, learner, loss, desc=f"{'coop+nfl' if nfl else 'coop'} {task.dataset.name} "
                                              f"k{task.shots} s{task.seed}")
     iterates = learner.recorded()
-    path = trajectory_file(task, cfg, "nfl" if nfl else "coop")
+    path = trajectory_file(task, cfg, nfl)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(iterates, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
@@ -228,10 +229,15 @@ def train_stage1(task: Task, cfg: dict, nfl: tuple[list[str], list[str]] | None 
 
 
 def load_or_train_stage1(task: Task, cfg: dict, nfl=None) -> torch.Tensor:
-    path = trajectory_file(task, cfg, "nfl" if nfl else "coop")
+    """The stage-1 trajectory of this run: read back, or trained now (its resume checkpoint then dropped)."""
+    path = trajectory_file(task, cfg, nfl)
     if path.is_file():
         return torch.load(path, map_location="cpu")
-    return train_stage1(task, cfg, nfl, out_dir=Path(task.out_dir) / "stage1" if task.out_dir else None)[1]
+    out_dir = Path(task.out_dir) / "stage1" if task.out_dir else None
+    iterates = train_stage1(task, cfg, nfl, out_dir=out_dir)[1]
+    if out_dir is not None:
+        (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+    return iterates
 
 
 def train_subpt(task: Task, cfg: dict, nfl: tuple[list[str], list[str]] | None = None,

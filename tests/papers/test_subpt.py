@@ -140,7 +140,7 @@ def test_stage1_trajectory_feeds_the_subspace(tmp_path, tiny_rn):
     cfg, ds = _task(tmp_path, tiny_rn)
     task = Task(cfg, tiny_rn, ds, 2, 1, tmp_path / "stage1")
     learner, W = train_stage1(task, cfg)
-    assert W.shape == (3, learner.ctx.numel()) and trajectory_file(task, cfg, "coop").is_file()
+    assert W.shape == (3, learner.ctx.numel()) and trajectory_file(task, cfg).is_file()
     assert torch.equal(load_or_train_stage1(task, cfg), W)
     assert not torch.equal(W[0], W[2])
     with pytest.raises(ValueError, match="t_early"):
