@@ -136,7 +136,8 @@ def eval_all(cfg: dict) -> list[dict]:
 
 
 def plot(cfg: dict) -> Path | None:
-    """the paper's main figure from the run records: reference vs average-shift accuracy along alpha"""
+    """the paper's main figure from the run records: reference vs average-shift accuracy along alpha
+    (to `figure_dir`; --set figure_dir=papers/wise_ft puts it beside REPORT.md)"""
     from .plot import curve_figure
     recs = load_records(paper=SLUG, protocol=PROTOCOL, profile=cfg["profile"], backbone=cfg["arch"])
     out = Path(cfg["figure_dir"]) / f"wiseft_curve_{cfg['profile']}_{cfg['arch']}.png"
