@@ -69,10 +69,11 @@ class PromptLearner(nn.Module):
                                 init_std=init_std)
         names = [c.replace("_", " ") for c in classnames]
         embed = self.encoder.token_embedding
+        device = embed.weight.device  # token ids must sit where the (possibly CUDA) embedding is
         with torch.no_grad():
             if ctx_init:
                 ctx_init = ctx_init.replace("_", " ").strip()
-                init_ids = tokenize(bundle, [ctx_init])
+                init_ids = tokenize(bundle, [ctx_init], device=device)
                 n_ctx = int(init_ids.argmax(-1).item()) - 1   # BPE tokens between SOS and EOT
                 ctx = embed(init_ids)[0, 1:1 + n_ctx].clone()
                 if csc:  # the official code ignores CSC with an init phrase; we honour it: every class starts equal
@@ -82,9 +83,9 @@ class PromptLearner(nn.Module):
                 if n_ctx < 1:
                     raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
                 shape = (len(names), n_ctx, self.encoder.width) if csc else (n_ctx, self.encoder.width)
-                ctx = torch.empty(shape).normal_(0, init_std)
+                ctx = torch.empty(shape).normal_(0, init_std).to(device)  # drawn on the CPU: same init everywhere
                 prefix_text = " ".join(["X"] * n_ctx)
-            token_ids = tokenize(bundle, [f"{prefix_text} {name}." for name in names])
+            token_ids = tokenize(bundle, [f"{prefix_text} {name}." for name in names], device=device)
             embedding = embed(token_ids)
             name_lens = [int(tokenize(bundle, [n]).argmax(-1).item()) - 1 for n in names]
         self.ctx = nn.Parameter(ctx.to(self.encoder.dtype))
