@@ -73,3 +73,17 @@ def load_records(root: Path | str | None = None, **filters: Any) -> list[dict[st
 
 def iter_metric(records: Iterable[dict[str, Any]], metric: str) -> list[float]:
     return [float(r["metrics"][metric]) for r in records if metric in r["metrics"]]
+
+
+def summarize(paper: str, protocol: str, profile: str, backbone: str, root: Path | str | None = None) -> list[dict]:
+    """Print the seed means of one paper's records of `protocol` (profile, backbone); returns the records."""
+    recs = load_records(root, paper=paper, protocol=protocol, profile=profile, backbone=backbone)
+    cells: dict[tuple, list[dict]] = {}
+    for r in recs:
+        cells.setdefault((r["method"], r["variant"], r["dataset"], r["shots"]), []).append(r["metrics"])
+    for (method, variant, dataset, shots), ms in sorted(cells.items(), key=lambda kv: [str(x) for x in kv[0]]):
+        means = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
+        shown = "  ".join(f"{k} {v:6.2f}" for k, v in means.items() if k != "mean_per_class")
+        print(f"{protocol:>14s} {method + ('/' + variant if variant else ''):>22s} {dataset:>24s} k={shots} "
+              f"seeds={len(ms)}  {shown}")
+    return recs

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.cli import run_cli
+from common.engine.runs import summarize as summarize_records
 from common.data import build_dataset
-from common.engine import load_records
 from common.engine.protocols import Task, run_base2novel, run_fewshot, run_transfer
 from papers.cocoop.method import CoCoOpPromptLearner, train_cocoop
 from papers.cocoop.method import evaluate as evaluate_cocoop
@@ -108,16 +108,7 @@ def domain_generalization(cfg: dict) -> list[dict]:
 
 def summarize(cfg: dict, protocol: str) -> list[dict]:
     """Print seed means of this paper's records of `protocol` on the current profile and backbone."""
-    recs = load_records(paper=SLUG, protocol=protocol, profile=cfg["profile"], backbone=cfg["arch"])
-    cells: dict[tuple, list[dict]] = {}
-    for r in recs:
-        cells.setdefault((r["method"], r["variant"], r["dataset"], r["shots"]), []).append(r["metrics"])
-    for (method, variant, dataset, shots), ms in sorted(cells.items(), key=lambda kv: [str(x) for x in kv[0]]):
-        means = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
-        shown = "  ".join(f"{k} {v:6.2f}" for k, v in means.items() if k != "mean_per_class")
-        print(f"{protocol:>14s} {method + ('/' + variant if variant else ''):>22s} {dataset:>24s} k={shots} "
-              f"seeds={len(ms)}  {shown}")
-    return recs
+    return summarize_records(SLUG, protocol, cfg["profile"], cfg["arch"])
 
 
 def train(cfg: dict) -> list[dict]:
