@@ -5,7 +5,6 @@ code); the ablation variants of `ablations` (other branches / residual ratios) r
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,8 +13,8 @@ from common.cli import run_cli
 from common.clip import logit_scale
 from common.engine import TrainConfig, classification_metrics
 from common.engine.protocols import Task, run_fewshot, run_transfer
+from common.engine.cost import random_features, report_epoch_cost
 from common.engine.threads import threaded
-from common.paths import runs_root
 
 from .method import ClipAdapter, raw_text_features, train_on_views
 
@@ -92,23 +91,13 @@ def evaluate_cmd(cfg: dict) -> list[dict]:
 def cost(cfg: dict) -> dict:
     """wall time of one adapter epoch on random cached features of size cost.{dim,classes,shots}"""
     c = cfg["cost"]
-    g = torch.Generator().manual_seed(0)
-    n = int(c["classes"]) * int(c["shots"])
-    views = [torch.randn(n, int(c["dim"]), generator=g)]
-    labels = torch.arange(int(c["classes"])).repeat_interleave(int(c["shots"]))
+    views, labels, n, g = random_features(c)
     s = settings(cfg, "")
     model = ClipAdapter(torch.randn(int(c["classes"]), int(c["dim"]), generator=g), 100.0, s["branch"], s["ratio"],
                         s["text_ratio"], s["reduction"])
     tcfg = TrainConfig.from_dict({**cfg["train"], "epochs": int(c["epochs"]), "checkpoint_every": 10 ** 6})
     hist = train_on_views(model, views, labels, tcfg, int(cfg["batch_size"]), threads=cfg.get("threads"))
-    per_epoch = sorted(h["wall_s"] for h in hist)[len(hist) // 2]   # median: the first epoch warms up
-    row = {"method": SLUG, "profile": cfg["profile"], **c, "samples": n, "batch_size": cfg["batch_size"],
-           "threads": cfg.get("threads"), "epoch_ms_median": round(per_epoch * 1000, 2)}
-    out = runs_root() / SLUG / "cost" / f"{cfg['profile']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=1))
-    print("  ".join(f"{k} {v}" for k, v in row.items()))
-    return row
+    return report_epoch_cost(cfg, SLUG, SLUG, n, hist)
 
 
 def reproduce(cfg: dict) -> None:

@@ -18,6 +18,7 @@ from common.clip import logit_scale, zeroshot_classifier
 from common.data import build_dataset, sample_per_class
 from common.engine import TrainConfig, classification_metrics, run_dir
 from common.engine.protocols import Task, run_fewshot, run_transfer
+from common.engine.cost import random_features, report_epoch_cost
 from common.engine.threads import threaded
 from common.paths import runs_root
 
@@ -208,28 +209,14 @@ def figure(cfg: dict, path: Path | None = None) -> Path | None:
 def cost(cfg: dict) -> dict:
     """wall time of one Tip-Adapter-F epoch on random cached features of size cost.{dim,classes,shots}"""
     c = cfg["cost"]
-    g = torch.Generator().manual_seed(0)
-    n = int(c["classes"]) * int(c["shots"])
-    views = [torch.randn(n, int(c["dim"]), generator=g)]
-    labels = torch.arange(int(c["classes"])).repeat_interleave(int(c["shots"]))
+    views, labels, n, g = random_features(c)
     keys, values = build_cache(views, labels, int(c["classes"]))
     weights = F.normalize(torch.randn(int(c["classes"]), int(c["dim"]), generator=g), dim=-1)
     model = TipAdapterF(keys, values, weights, cfg["init_alpha"], cfg["init_beta"], float(cfg["clip_scale"] or 100.0))
     tcfg = TrainConfig.from_dict({**cfg["train"], "epochs": int(c["epochs"]), "checkpoint_every": 10 ** 6})
     hist = train_tip_f(model, views, labels, keys[: 4 * int(c["classes"])], labels[: 4 * int(c["classes"])], tcfg,
                        int(cfg["batch_size"]), float(cfg["adam_eps"]), threads=cfg.get("threads"))
-    return _report_cost(cfg, "tip_f", n, hist)
-
-
-def _report_cost(cfg: dict, what: str, n: int, hist: list[dict]) -> dict:
-    per_epoch = sorted(h["wall_s"] for h in hist)[len(hist) // 2]   # median: the first epoch warms up
-    row = {"method": what, "profile": cfg["profile"], **cfg["cost"], "samples": n, "batch_size": cfg["batch_size"],
-           "threads": cfg.get("threads"), "epoch_ms_median": round(per_epoch * 1000, 2)}
-    out = runs_root() / SLUG / "cost" / f"{cfg['profile']}-{what}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=1))
-    print("  ".join(f"{k} {v}" for k, v in row.items()))
-    return row
+    return report_epoch_cost(cfg, SLUG, "tip_f", n, hist, suffix="-tip_f")
 
 
 def reproduce(cfg: dict) -> None:
