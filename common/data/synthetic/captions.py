@@ -20,13 +20,13 @@ from .world import Group, SceneInfo
 class CaptionStyle:
     """How often a caption mentions each attribute, and how noisy it is."""
 
-    p_colour: float = 0.65
+    p_colour: float = 0.5
     p_shade_name: float = 0.4  # use the exact shade ("crimson") instead of the everyday word ("red")
-    p_pattern: float = 0.5
+    p_pattern: float = 0.6
     p_size: float = 0.25
     p_position: float = 0.12
     p_scene: float = 0.5
-    p_background: float = 0.25  # "on a blue background" for plain backgrounds
+    p_background: float = 0.3  # "on a blue background" / "on a striped background"
     p_style: float = 0.7  # prefix naming the rendering style
     p_synonym: float = 0.15
     p_vague_kind: float = 0.06  # "a red shape" instead of the object's name
@@ -130,6 +130,8 @@ def caption(info: SceneInfo, r: random.Random, cs: CaptionStyle = CaptionStyle()
             parts.append(r.choice(SCENES[info.bg].phrases))
         elif bg in ("plain", "gradient") and info.bg_colour >= 0 and r.random() < cs.p_background:
             parts.append(f"on a {colour_word(info.bg_colour, r, cs)} background")
+        elif bg == "pattern" and info.bg_pattern > 0 and r.random() < cs.p_background:
+            parts.append(f"on a {r.choice(PATTERNS[info.bg_pattern].words)} background")
     text = " ".join(parts)
     if style == CLUTTERED and r.random() < 0.2:
         text += " among other things"

@@ -36,7 +36,7 @@ from .world import Distribution, SceneInfo, sample_scenes
 
 # Defaults per architecture (params.yaml `pretrain:` passes the same keys explicitly).
 DEFAULTS = {
-    "tiny-rn": dict(steps=700, batch=256, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0),
+    "tiny-rn": dict(steps=1400, batch=128, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0),
     "tiny-vit": dict(steps=1500, batch=256, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=1, distill=1.0),
 }
 RENDER_CHUNK = 512

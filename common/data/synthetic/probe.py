@@ -30,11 +30,11 @@ C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
 
 
 @torch.no_grad()
-def image_features(bundle, paths: list[str], batch: int = 256, desc: str = "features") -> torch.Tensor:
+def image_features(bundle, paths: list[str], batch: int = 256) -> torch.Tensor:
     """L2-normalised image features of image files (eval transform), batched."""
     model, pre = bundle.model.eval(), bundle.preprocess_val
     out = []
-    for i in tqdm(range(0, len(paths), batch), desc=desc, leave=False, disable=len(paths) <= batch):
+    for i in range(0, len(paths), batch):
         x = torch.stack([pre(load_image(p)) for p in paths[i:i + batch]])
         out.append(F.normalize(model.encode_image(x).float(), dim=-1))
     return torch.cat(out) if out else torch.zeros(0, bundle.embed_dim)
@@ -70,7 +70,7 @@ def probe_dataset(bundle, name: str, root: str | Path, shots: int = 16, seed: in
     def feats(items, split):
         key = (name, split, len(items))
         if key not in feature_cache:
-            feature_cache[key] = image_features(bundle, [d.impath for d in items], desc=f"{name}/{split}")
+            feature_cache[key] = image_features(bundle, [d.impath for d in items])
         return feature_cache[key]
 
     test_f = feats(ds.test, "test")
@@ -99,7 +99,7 @@ def probe(arch: str, ckpt: str, root: str | Path = "data/embedded", datasets=Non
     bundle = load_clip(arch, ckpt)
     rows, cache = [], {}
     source = {}
-    for name in datasets or PROBE_DATASETS:
+    for name in tqdm(datasets or PROBE_DATASETS, desc=f"probe {arch}", leave=False):
         t = time.time()
         row = probe_dataset(bundle, name, root, shots, seed, cache)
         if name == "emb_objects":
@@ -111,7 +111,7 @@ def probe(arch: str, ckpt: str, root: str | Path = "data/embedded", datasets=Non
             row["probe_from"] = "emb_objects"
         row["seconds"] = round(time.time() - t, 1)
         rows.append(row)
-        print(format_row(row), flush=True)
+        tqdm.write(format_row(row))
     return rows
 
 

@@ -50,8 +50,8 @@ OBJECTS_V2 = OBJECTS.with_(sizes=(0.45, 0.35, 0.2), noise=(0.03, 0.08), blur=0.6
 OBJECTS_HARD = OBJECTS.with_(styles={"cluttered": 1.0}, camouflage=0.5, sizes=(0.6, 0.3, 0.1), rot_deg=40.0,
                              distractors=(4, 7), occluders=(2, 3),
                              backgrounds={"scene": 0.3, "plain": 0.25, "gradient": 0.15, "pattern": 0.15, "noise": 0.15})
-SCENES_DIST = Distribution(kinds=ALL_KINDS, groups=(1.0,), counts=(0.6, 0.3, 0.1), sizes=(0.7, 0.3, 0.0),
-                           styles={"photo": 0.85, "cartoon": 0.15})
+SCENES_DIST = Distribution(kinds=ALL_KINDS, groups=(0.6, 0.4), counts=(0.5, 0.3, 0.2), sizes=(0.4, 0.4, 0.2),
+                           styles={"photo": 0.8, "cartoon": 0.2})
 PLAINISH = {"plain": 0.4, "gradient": 0.3, "noise": 0.3}
 
 
@@ -88,10 +88,24 @@ def _render_textures(labels, rng, size):
     return render(spec, rng, size)
 
 
+def zoom_and_tint(imgs: np.ndarray, rng: np.random.Generator, scale=(0.4, 1.0), tint: float = 0.15) -> np.ndarray:
+    """Photographer's variation: a random square crop (side fraction in `scale`) resized back, and a
+    colour cast / exposure change. Makes scene recognition partial-view and colour-shifted."""
+    n, size = imgs.shape[0], imgs.shape[1]
+    out = np.empty_like(imgs)
+    sides = (rng.uniform(*scale, n) * size).astype(int).clip(8, size)
+    for i in range(n):  # PIL resize per image: a few hundred images per set, not a hot path
+        s = sides[i]
+        y, x = rng.integers(0, size - s + 1, 2)
+        out[i] = np.asarray(Image.fromarray(imgs[i, y:y + s, x:x + s]).resize((size, size), Image.BILINEAR))
+    cast = rng.uniform(1 - tint, 1 + tint, (n, 1, 1, 3)) * rng.uniform(0.7, 1.2, (n, 1, 1, 1))
+    return np.clip(out * cast, 0, 255).astype(np.uint8)
+
+
 def _render_scenes(labels, rng, size):
     bg = np.asarray([SCENE_INDEX[SCENE_CLASSES[c]] for c in labels])
     spec, _ = sample_scenes(rng, len(labels), SCENES_DIST, size, {"bg": bg})
-    return render(spec, rng, size)
+    return zoom_and_tint(render(spec, rng, size), rng)
 
 
 def _render_fine(labels, rng, size):

@@ -34,18 +34,18 @@ class Distribution:
     """What the world looks like. Probabilities need not sum to one (they are normalised)."""
 
     kinds: tuple[int, ...] = ALL_KINDS + DIGIT_KINDS
-    digit_share: float = 0.08  # share of groups that are printed digits (if digits are among `kinds`)
+    digit_share: float = 0.05  # share of groups that are printed digits (if digits are among `kinds`)
     colours: tuple[int, ...] = tuple(range(len(COLOURS)))
     basic_colour_weight: float = 2.0  # basic colours are this much more frequent than shades
-    solid_share: float = 0.4  # share of objects without a fill pattern
+    solid_share: float = 0.5  # share of objects without a fill pattern
     patterns: tuple[int, ...] = tuple(range(len(PATTERNS)))
-    styles: dict = field(default_factory=lambda: {"photo": 0.65, "cartoon": 0.15, "sketch": 0.07, "cluttered": 0.13})
+    styles: dict = field(default_factory=lambda: {"photo": 0.72, "cartoon": 0.15, "sketch": 0.05, "cluttered": 0.08})
     posts: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0)  # none, mosaic, neon, painting
-    groups: tuple[float, ...] = (0.75, 0.2, 0.05)  # P(1, 2, 3 groups of objects)
-    counts: tuple[float, ...] = (0.7, 0.12, 0.1, 0.08)  # P(count = 1..4) per group
+    groups: tuple[float, ...] = (0.85, 0.13, 0.02)  # P(1, 2, 3 groups of objects)
+    counts: tuple[float, ...] = (0.75, 0.1, 0.08, 0.07)  # P(count = 1..4) per group
     backgrounds: dict = field(default_factory=lambda: {"scene": 0.55, "plain": 0.2, "gradient": 0.1, "pattern": 0.08, "noise": 0.07})
     scenes: tuple[int, ...] = tuple(range(len(SCENES)))
-    sizes: tuple[float, ...] = (0.25, 0.4, 0.35)  # small, medium, large (single objects)
+    sizes: tuple[float, ...] = (0.15, 0.4, 0.45)  # small, medium, large (single objects)
     rot_deg: float = 15.0
     aspect: tuple[float, float] = (0.85, 1.15)
     camouflage: float = 0.0  # P(background colour close to the object's)
@@ -77,6 +77,7 @@ class SceneInfo:
     style: int
     post: int
     position: tuple[float, float]  # centre of the first object, in [0, 1]
+    bg_pattern: int = -1  # pattern of a "pattern" background
 
 
 def _norm(p) -> np.ndarray:
@@ -215,7 +216,8 @@ def sample_scenes(rng: np.random.Generator, n: int, dist: Distribution = Distrib
             bg_colour = pr.choice([c for c in range(len(COLOURS)) if COLOURS[c].basic != COLOURS[main_colour].basic])
         spec.bg_pat[i] = int(fixed["bg_pat"][i]) if "bg_pat" in fixed else pr.randrange(1, len(PATTERNS))
         infos.append(SceneInfo(groups, int(spec.bg[i]), bg_colour if BACKGROUNDS[spec.bg[i]] in ("plain", "gradient") else -1,
-                               st, int(spec.post[i]), (named[0][3] / size, named[0][4] / size) if named else (0.5, 0.5)))
+                               st, int(spec.post[i]), (named[0][3] / size, named[0][4] / size) if named else (0.5, 0.5),
+                               int(spec.bg_pat[i]) if BACKGROUNDS[spec.bg[i]] == "pattern" else -1))
         spec.bg_rgb1[i] = _PALETTE[bg_colour]
 
     # ---- colours and photometric settings, vectorised
