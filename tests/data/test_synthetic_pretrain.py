@@ -36,7 +36,7 @@ def test_contrastive_steps_decrease_loss_and_checkpoint_round_trips(arch, batch1
     model = b.model.train()
     opt = torch.optim.AdamW(P.param_groups(model, 0.1), lr=1e-3)
     x, tok = P.to_model_input(images, b.image_size), b.tokenizer(caps)
-    losses = [P.train_step(model, opt, open_clip.ClipLoss(), x, tok) for _ in range(8)]
+    losses = [P.train_step(model, opt, P.SharedCaptionClipLoss(), x, tok) for _ in range(8)]
     assert losses[0] > math.log(16) * 0.9, "random init starts near chance (log batch)"
     assert losses[-1] < losses[0] - 0.3, losses
     assert float(model.logit_scale.exp()) <= 100 + 1e-4
@@ -48,6 +48,24 @@ def test_contrastive_steps_decrease_loss_and_checkpoint_round_trips(arch, batch1
     with torch.no_grad():
         assert torch.allclose(loaded.model.encode_image(x), model.encode_image(x), atol=1e-5)
         assert torch.allclose(loaded.model.encode_text(tok), model.encode_text(tok), atol=1e-5)
+
+
+def test_shared_caption_loss_is_clip_loss_for_unique_captions_and_unicl_for_repeats():
+    torch.manual_seed(0)
+    fi, ft = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(14.0)
+    unique = torch.arange(6)[:, None].repeat(1, 5)
+    ours = P.SharedCaptionClipLoss()(fi, ft, scale, tokens=unique)
+    assert torch.allclose(ours, open_clip.ClipLoss()(fi, ft, scale), atol=1e-6)
+    # captions 0 and 1 identical: each of those images has two positive texts with weight 1/2 (and vice versa)
+    tok = unique.clone()
+    tok[1] = tok[0]
+    logits = scale * fi @ ft.T
+    target = torch.eye(6)
+    target[0, :2] = target[1, :2] = 0.5
+    by_hand = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean())
+    assert torch.allclose(P.SharedCaptionClipLoss()(fi, ft, scale, tokens=tok), by_hand, atol=1e-6)
+    assert not torch.allclose(by_hand, ours)
 
 
 def test_model_input_matches_eval_transform(batch16):
@@ -72,7 +90,8 @@ def test_lr_schedule_warmup_then_cosine():
 def test_pretrain_writes_loadable_checkpoints_for_both_archs(tmp_path):
     rn = tmp_path / "ck" / "tiny-rn.pt"
     log = P.pretrain("tiny-rn", rn, steps=2, batch=8, lr=1e-3, wd=0.1, warmup=1, pool=16, seed=0, eval_n=16,
-                     progress=False, amp="fp32")
+                     progress=False, amp="fp32", curriculum=0.5)
+    assert tuple(log["warmup_distribution"]["groups"]) == (1.0,) and log["curriculum"] == 0.5
     assert rn.is_file() and json.loads((tmp_path / "ck" / "tiny-rn.pt.json").read_text())["steps"] == 2
     assert len(log["loss"]) == 2 and all(np.isfinite(log["loss"]))
     load_clip("tiny-rn", rn)
@@ -85,6 +104,8 @@ def test_pretrain_writes_loadable_checkpoints_for_both_archs(tmp_path):
     a = student.model.token_embedding.weight
     t = teacher.model.token_embedding.weight
     assert F.cosine_similarity(a.flatten(), t.flatten(), dim=0) > 0.9
+    with pytest.raises(ValueError, match="curriculum"):
+        P.pretrain("tiny-rn", rn, steps=1, batch=8, lr=1e-3, wd=0.1, warmup=1, pool=8, seed=0, curriculum=1.0, progress=False)
     with pytest.raises(ValueError, match="teacher"):
         P.pretrain("tiny-vit", vit, steps=1, batch=8, lr=1e-3, wd=0.1, warmup=1, pool=8, seed=1, distill=1.0,
                    progress=False)

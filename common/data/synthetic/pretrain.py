@@ -36,13 +36,32 @@ from .world import Distribution, SceneInfo, sample_scenes
 
 # Defaults per architecture (params.yaml `pretrain:` passes the same keys explicitly).
 DEFAULTS = {
-    "tiny-rn": dict(steps=1400, batch=128, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0),
-    "tiny-vit": dict(steps=1500, batch=256, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=1, distill=1.0),
+    "tiny-rn": dict(steps=1000, batch=128, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0, curriculum=0.5),
+    "tiny-vit": dict(steps=800, batch=128, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=1, distill=1.0, curriculum=0.0),
 }
 RENDER_CHUNK = 512
 
+# The pretraining stream: mostly single objects on plain backgrounds, little pixel noise or blur, and captions
+# that always name the object. Measured on 2 cores: with the downstream sets' noisier, busier photo world and
+# captions that sometimes say only "a shape", object identity stayed near chance after 700 steps (colour 80%);
+# a tiny-rn trained *supervised* on clean single objects reaches 91% in 300 steps, contrastively about half
+# as fast. The downstream sets keep their noise, blur, clutter and styles: that gap is the room for transfer.
+PRETRAIN_DIST = Distribution(
+    solid_share=0.7, styles={"photo": 0.55, "cartoon": 0.35, "sketch": 0.05, "cluttered": 0.05},
+    groups=(0.9, 0.08, 0.02), counts=(0.8, 0.08, 0.07, 0.05), sizes=(0.1, 0.45, 0.45),
+    backgrounds={"scene": 0.25, "plain": 0.55, "gradient": 0.1, "pattern": 0.05, "noise": 0.05},
+    noise=(0.0, 0.02), blur=0.1, rot_deg=10.0)
+PRETRAIN_CAPTIONS = CaptionStyle(p_vague_kind=0.0, p_wrong_kind=0.02)
+# Curriculum: the first `curriculum` share of the steps draws from a cleaner stream (one object on a plain
+# background, short captions), where object identity is what tells captions apart.
+WARMUP_DIST = PRETRAIN_DIST.with_(groups=(1.0,), counts=(1.0,), sizes=(0.0, 0.5, 0.5), styles={"photo": 0.6, "cartoon": 0.4},
+                                  backgrounds={"plain": 0.8, "gradient": 0.2}, noise=(0.0, 0.0), blur=0.0, rot_deg=0.0)
+WARMUP_CAPTIONS = CaptionStyle(p_colour=0.5, p_pattern=0.3, p_size=0.2, p_position=0.0, p_scene=0.0, p_background=0.1,
+                               p_style=0.3, p_synonym=0.0, p_vague_kind=0.0, p_wrong_kind=0.0, p_wrong_colour=0.0,
+                               p_tags=0.0, p_filler=0.0)
 
-def render_pool(n: int, seed: int, dist: Distribution = Distribution(), size: int = 64, progress: bool = True):
+
+def render_pool(n: int, seed: int, dist: Distribution = PRETRAIN_DIST, size: int = 64, progress: bool = True):
     """n scenes as uint8 (n, size, size, 3) and their SceneInfos; chunk c uses the rng seeded (seed, c)."""
     images = np.empty((n, size, size, 3), np.uint8)
     infos: list[SceneInfo] = []
@@ -101,7 +120,7 @@ def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
 
 @torch.no_grad()
 def quick_zero_shot(model, tokenizer, image_size: int, seed: int = 12345, n: int = 512,
-                    dist: Distribution = Distribution()) -> dict[str, float]:
+                    dist: Distribution = PRETRAIN_DIST) -> dict[str, float]:
     """Progress check on fresh photo-style single objects of the distribution's kinds: object-name and
     colour zero-shot accuracy."""
     from .vocab import COLOURS, KINDS
@@ -125,6 +144,23 @@ def quick_zero_shot(model, tokenizer, image_size: int, seed: int = 12345, n: int
     return out
 
 
+class SharedCaptionClipLoss(open_clip.ClipLoss):
+    """open_clip's `ClipLoss`, except that pairs whose captions are the same token sequence are all positives
+    (UniCL's target, Yang et al. 2022). A small world repeats captions within a batch ("a star."): plain
+    InfoNCE would push an image away from its own caption's duplicates, which stalls learning of the object.
+    With unique captions the target is the identity and the value is exactly `ClipLoss`'s."""
+
+    def forward(self, image_features, text_features, logit_scale, tokens=None, output_dict=False):
+        if tokens is None:
+            return super().forward(image_features, text_features, logit_scale, output_dict=output_dict)
+        logits = logit_scale * image_features @ text_features.T
+        same = (tokens[:, None, :] == tokens[None, :, :]).all(-1).float()
+        target = same / same.sum(1, keepdim=True)  # symmetric relation: one target serves both directions
+        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
 def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bool = False, teacher=None,
                x_teacher: torch.Tensor | None = None, distill: float = 0.0) -> float:
     """One optimiser step of the contrastive loss (+ distill x cosine distance to the teacher's image
@@ -132,7 +168,7 @@ def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bo
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         fi = F.normalize(model.encode_image(x).float(), dim=-1)
         ft = F.normalize(model.encode_text(tok).float(), dim=-1)
-        loss = loss_fn(fi, ft, model.logit_scale.exp())
+        loss = loss_fn(fi, ft, model.logit_scale.exp(), tokens=tok)
         if teacher is not None and distill > 0:
             with torch.no_grad():
                 f_teacher = F.normalize(teacher.encode_image(x_teacher).float(), dim=-1)
@@ -147,8 +183,8 @@ def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bo
 
 
 def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: float, warmup: int, pool: int, seed: int,
-             distill: float = 0.0, teacher: str | None = None, dist: Distribution = Distribution(),
-             cstyle: CaptionStyle = CaptionStyle(), threads: int = 2, amp: str = "auto", eval_every: int = 0,
+             distill: float = 0.0, teacher: str | None = None, curriculum: float = 0.0, dist: Distribution = PRETRAIN_DIST,
+             cstyle: CaptionStyle = PRETRAIN_CAPTIONS, threads: int = 2, amp: str = "auto", eval_every: int = 0,
              eval_n: int = 512, progress: bool = True) -> dict:
     """Train `arch` from scratch and save it to `out`. Returns the training log (also written to out.json)."""
     t_start = time.time()
@@ -182,25 +218,35 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
         model = model.to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = open_clip.ClipLoss()
+    loss_fn = SharedCaptionClipLoss()
 
     t0 = time.time()
-    images, infos = render_pool(pool, seed, dist, 64, progress)
+    if not 0.0 <= curriculum < 1.0:
+        raise ValueError(f"curriculum must be a share of the steps in [0, 1), got {curriculum}")
+    warm_steps = int(round(curriculum * steps))
+    streams = [(dist, cstyle, render_pool(pool, seed, dist, 64, progress))]
+    if warm_steps:
+        streams.insert(0, (WARMUP_DIST, WARMUP_CAPTIONS, render_pool(pool // 2, seed + 7919, WARMUP_DIST, 64, progress)))
     t_render = time.time() - t0
     rng = np.random.default_rng([seed, 999])
-    order = rng.permutation(pool)
-    cursor = 0
     log = {"arch": arch, "steps": steps, "batch": batch, "lr": lr, "wd": wd, "warmup": warmup, "pool": pool, "seed": seed,
            "distill": distill, "teacher": str(teacher) if teacher else None, "bf16": use_bf16, "render_s": round(t_render, 1),
-           "distribution": asdict(dist), "caption_style": asdict(cstyle), "loss": [], "evals": []}
+           "curriculum": curriculum, "distribution": asdict(dist), "caption_style": asdict(cstyle),
+           "warmup_distribution": asdict(WARMUP_DIST) if warm_steps else None,
+           "warmup_caption_style": asdict(WARMUP_CAPTIONS) if warm_steps else None, "loss": [], "evals": []}
+    order, cursor, stream = None, 0, None
     bar = tqdm(range(steps), desc=f"pretrain {arch}", disable=not progress)
     t_train = time.time()
     for step in bar:
-        if cursor + batch > pool:
-            order, cursor = rng.permutation(pool), 0
+        now = streams[0] if step < warm_steps else streams[-1]
+        if now is not stream:  # a new stage of the curriculum
+            stream, (_, step_cstyle, (images, infos)) = now, now
+            order, cursor = rng.permutation(len(images)), 0
+        if cursor + batch > len(images):
+            order, cursor = rng.permutation(len(images)), 0
         idx = np.sort(order[cursor:cursor + batch])
         cursor += batch
-        texts = captions([infos[i] for i in idx], seed * 1_000_003 + step, cstyle)
+        texts = captions([infos[i] for i in idx], seed * 1_000_003 + step, step_cstyle)
         x = to_model_input(images[idx], image_size)
         if not bundle.is_vit:
             x = x.contiguous(memory_format=torch.channels_last)

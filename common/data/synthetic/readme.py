@@ -21,9 +21,10 @@ from common.data import build_dataset, load_image
 
 from .captions import captions
 from .catalog import SETS
+from .pretrain import PRETRAIN_CAPTIONS, PRETRAIN_DIST
 from .probe import markdown_table
 from .render import render
-from .world import Distribution, sample_scenes
+from .world import sample_scenes
 
 CELL = 64
 LABEL_W = 150
@@ -40,7 +41,7 @@ def sample_grid(root: str | Path, out: str | Path, per_row: int = 10, seed: int 
     """One row per dataset (plus pretraining samples with their captions' first words), PNG."""
     rows: list[tuple[str, list[np.ndarray]]] = []
     rng = np.random.default_rng(seed)
-    spec, infos = sample_scenes(rng, per_row, Distribution(), 64)
+    spec, infos = sample_scenes(rng, per_row, PRETRAIN_DIST, 64)
     rows.append(("pretraining stream", list(render(spec, rng, 64))))
     r = random.Random(seed)
     for name, info in SETS.items():
@@ -84,8 +85,21 @@ def suite_table(root: str | Path | None = None) -> str:
 
 def example_captions(n: int = 8, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
-    _, infos = sample_scenes(rng, n, Distribution(), 64)
-    return captions(infos, seed)
+    _, infos = sample_scenes(rng, n, PRETRAIN_DIST, 64)
+    return captions(infos, seed, PRETRAIN_CAPTIONS)
+
+
+def pretrain_table(logs: list[str | Path]) -> str:
+    """The pretraining runs from their JSON logs: recipe, wall time and the quick zero-shot checks."""
+    lines = ["| tower | steps x batch | lr | distill | s / step | training (min) | object zero-shot by step | colour zero-shot (end) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in logs:
+        log = json.loads(Path(p).read_text())
+        arch = Path(p).name.split(".")[0]
+        curve = ", ".join(f"{e['step']}: {100 * e['object']:.0f}%" for e in log["evals"])
+        lines.append(f"| {arch} | {log['steps']} x {log['batch']} | {log['lr']} | {log['distill']} | {log['s_per_step']} | "
+                     f"{log['train_s'] / 60:.1f} | {curve} | {100 * log['evals'][-1]['colour']:.0f}% |")
+    return "\n".join(lines)
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -101,6 +115,7 @@ def main(argv=None) -> None:
     ap.add_argument("--root", default="data/embedded")
     ap.add_argument("--grid", default="data/samples.png")
     ap.add_argument("--probe", nargs="*", default=[], help="probe JSON files (python -m common.data.synthetic.probe --json)")
+    ap.add_argument("--pretrain-logs", nargs="*", default=[], help="checkpoint JSON logs (<ckpt>.pt.json)")
     ap.add_argument("--readme", default="data/README.md")
     a = ap.parse_args(argv)
     sample_grid(a.root, a.grid)
@@ -108,6 +123,8 @@ def main(argv=None) -> None:
     text = readme.read_text() if readme.is_file() else "# data\n"
     text = replace_block(text, "captions", "\n".join(f"- `{c}`" for c in example_captions()))
     text = replace_block(text, "suite", suite_table(a.root))
+    if a.pretrain_logs:
+        text = replace_block(text, "pretrain", pretrain_table(a.pretrain_logs))
     if a.probe:
         results = {}
         for p in a.probe:

@@ -43,8 +43,8 @@ FASHION_HINT = ("Fashion-MNIST is read from the Debian package `dataset-fashion-
 
 # ------------------------------------------------------------------------------ per-set distributions
 
-OBJECTS = Distribution(kinds=ALL_KINDS, groups=(1.0,), counts=(0.85, 0.15),
-                       styles={"photo": 0.75, "cartoon": 0.15, "cluttered": 0.10})
+OBJECTS = Distribution(kinds=ALL_KINDS, groups=(1.0,), counts=(0.9, 0.1), sizes=(0.2, 0.4, 0.4),
+                       styles={"photo": 0.6, "cartoon": 0.3, "cluttered": 0.10})
 OBJECTS_V2 = OBJECTS.with_(sizes=(0.45, 0.35, 0.2), noise=(0.03, 0.08), blur=0.6,
                            backgrounds={"scene": 0.7, "plain": 0.1, "gradient": 0.1, "pattern": 0.05, "noise": 0.05})
 OBJECTS_HARD = OBJECTS.with_(styles={"cluttered": 1.0}, camouflage=0.5, sizes=(0.6, 0.3, 0.1), rot_deg=40.0,
