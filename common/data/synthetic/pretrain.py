@@ -224,9 +224,9 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
     if not 0.0 <= curriculum < 1.0:
         raise ValueError(f"curriculum must be a share of the steps in [0, 1), got {curriculum}")
     warm_steps = int(round(curriculum * steps))
-    streams = [(dist, cstyle, render_pool(pool, seed, dist, 64, progress))]
-    if warm_steps:
-        streams.insert(0, (WARMUP_DIST, WARMUP_CAPTIONS, render_pool(pool // 2, seed + 7919, WARMUP_DIST, 64, progress)))
+    # (caption style, images, infos) per curriculum stage; the warm-up pool is half size, its own seed
+    main_stream = (cstyle, *render_pool(pool, seed, dist, 64, progress))
+    warm_stream = (WARMUP_CAPTIONS, *render_pool(pool // 2, seed + 7919, WARMUP_DIST, 64, progress)) if warm_steps else None
     t_render = time.time() - t0
     rng = np.random.default_rng([seed, 999])
     log = {"arch": arch, "steps": steps, "batch": batch, "lr": lr, "wd": wd, "warmup": warmup, "pool": pool, "seed": seed,
@@ -234,13 +234,11 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
            "curriculum": curriculum, "distribution": asdict(dist), "caption_style": asdict(cstyle),
            "warmup_distribution": asdict(WARMUP_DIST) if warm_steps else None,
            "warmup_caption_style": asdict(WARMUP_CAPTIONS) if warm_steps else None, "loss": [], "evals": []}
-    order, cursor, stream = None, 0, None
     bar = tqdm(range(steps), desc=f"pretrain {arch}", disable=not progress)
     t_train = time.time()
     for step in bar:
-        now = streams[0] if step < warm_steps else streams[-1]
-        if now is not stream:  # a new stage of the curriculum
-            stream, (_, step_cstyle, (images, infos)) = now, now
+        if step == 0 or step == warm_steps:  # a new stage of the curriculum: reshuffle its pool
+            step_cstyle, images, infos = warm_stream if step < warm_steps else main_stream
             order, cursor = rng.permutation(len(images)), 0
         if cursor + batch > len(images):
             order, cursor = rng.permutation(len(images)), 0

@@ -95,9 +95,8 @@ def pretrain_table(logs: list[str | Path]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for p in logs:
         log = json.loads(Path(p).read_text())
-        arch = Path(p).name.split(".")[0]
         curve = ", ".join(f"{e['step']}: {100 * e['object']:.0f}%" for e in log["evals"])
-        lines.append(f"| {arch} | {log['steps']} x {log['batch']} | {log['lr']} | {log['distill']} | {log['s_per_step']} | "
+        lines.append(f"| {log['arch']} | {log['steps']} x {log['batch']} | {log['lr']} | {log['distill']} | {log['s_per_step']} | "
                      f"{log['train_s'] / 60:.1f} | {curve} | {100 * log['evals'][-1]['colour']:.0f}% |")
     return "\n".join(lines)
 
