@@ -4,6 +4,8 @@ Evaluation of one claim on one profile:
 1. every selection in the check gets the claim's defaults (profile, protocol, backbone, per-method
    defaults from paper.yaml) unless it sets that filter itself, and is resolved to one series of records;
    any selection without records makes the claim *not testable*, with the reason;
+   a dataset list keeps the names of the judged profile's world (emb_* on embedded), so one check can
+   name both EuroSAT and its stand-in;
 2. selections that do not name their datasets are compared on the datasets present for ALL of them (at
    every shot count used); the others are reported as dropped;
 3. the check is evaluated on seed-first, then dataset, averages; its boolean is the verdict.
@@ -54,6 +56,21 @@ def pool_label(sel: Selection) -> str:
     return label
 
 
+EMBEDDED_PREFIX = "emb_"  # every embedded dataset's registry name starts with it; real ones never do
+
+
+def in_profile(dataset: Any, profile: str) -> bool:
+    """Whether a dataset name belongs to the profile's world (emb_* to embedded, the rest to real)."""
+    embedded = str(dataset).startswith(EMBEDDED_PREFIX)
+    return embedded if norm(profile) == "embedded" else not embedded
+
+
+def profile_datasets(names: Sequence, profile: str) -> tuple:
+    """A check's dataset list may name both worlds' sets; the profile keeps its own (all, if none is)."""
+    kept = tuple(d for d in names if in_profile(d, profile))
+    return kept or tuple(names)
+
+
 def selection_filters(sel: Selection, claim: Claim, paper: Paper, profile: str) -> dict[str, tuple]:
     """The selection's own filters completed with the claim/paper defaults (own filters win)."""
     own = sel.filter_dict()
@@ -70,6 +87,8 @@ def selection_filters(sel: Selection, claim: Claim, paper: Paper, profile: str) 
     for k, v in extra.items():
         if k not in filters:
             filters[k] = (v,)
+    if "dataset" in own:
+        filters["dataset"] = profile_datasets(own["dataset"], profile)
     # keep a stable, readable order: the written filters first, then the defaults
     return {k: filters[k] for k in list(own) + [k for k in extra if k not in own]}
 
@@ -126,7 +145,7 @@ def evaluate_claim(claim: Claim, paper: Paper, records: Sequence[dict], profile:
     def datasets_of(sel: Selection) -> list[str]:
         if not sel.pinned:
             return common[pool_label(sel)]
-        want = [str(d) for d in dict(sel.filters)["dataset"]]
+        want = [str(d) for d in profile_datasets(dict(sel.filters)["dataset"], profile)]
         have = {norm(d): d for d in avail[sel]}
         missing = [d for d in want if norm(d) not in have]
         if missing:

@@ -191,3 +191,18 @@ def test_baseline_claims_on_a_hand_made_world(tmp_path, slug, expected):
     got = [v.status for v in evaluate_paper(p, load_records(tmp_path), "embedded")]
     assert got == expected
     assert all(v.status == NOT_TESTABLE for v in evaluate_paper(p, load_records(tmp_path), "real"))
+
+
+def test_dataset_list_keeps_the_judged_profiles_world(tmp_path):
+    # one check names the embedded stand-in and the real set; each profile judges on its own world's names
+    rec(tmp_path, "a", "emb_satellite", {"top1": 60.0}, shots=1)
+    rec(tmp_path, "b", "emb_satellite", {"top1": 50.0}, shots=1)
+    rec(tmp_path, "a", "eurosat", {"top1": 40.0}, shots=1, profile="real", backbone="RN50")
+    rec(tmp_path, "b", "eurosat", {"top1": 45.0}, shots=1, profile="real", backbone="RN50")
+    check = "mean(top1, method=a, shots=1, dataset=[emb_satellite, eurosat]) > mean(top1, method=b, shots=1, dataset=[emb_satellite, eurosat])"
+    v = verdict(tmp_path, check)
+    assert v.status == REPRODUCED and [t.value for t in v.terms] == [60.0, 50.0]
+    assert verdict(tmp_path, check, profile="real").status == NOT_REPRODUCED
+    # a list naming only the other world's sets stays as written, so the reason names them
+    v = verdict(tmp_path, "mean(top1, method=a, shots=1, dataset=[eurosat]) > 0")
+    assert v.status == NOT_TESTABLE and "eurosat" in v.reason
