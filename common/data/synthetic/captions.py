@@ -47,6 +47,9 @@ STYLE_KEYS = ["photo", "cartoon", "sketch", "cluttered"]
 FILLER_PRE = ["IMG 2041", "free download:", "new!", "hd wallpaper", "stock image:", "my art:", "pic:"]
 FILLER_POST = ["for sale", "| stock photo", "lol", "via pinterest", "(free download)", "#art", "#design", "- wallpaper"]
 VAGUE = ["shape", "thing", "object", "figure", "item"]
+# a patterned background is sometimes called a texture or pattern, as texture datasets (DTD) name their classes
+BG_PATTERN_PHRASES = ["on a {} background", "on a {} background", "against a {} texture", "on a {} pattern",
+                      "in front of a {} texture"]
 POSITIONS_H = {0: "on the left", 1: "in the middle", 2: "on the right"}
 POSITIONS_V = {0: "at the top", 1: "in the middle", 2: "at the bottom"}
 
@@ -131,7 +134,7 @@ def caption(info: SceneInfo, r: random.Random, cs: CaptionStyle = CaptionStyle()
         elif bg in ("plain", "gradient") and info.bg_colour >= 0 and r.random() < cs.p_background:
             parts.append(f"on a {colour_word(info.bg_colour, r, cs)} background")
         elif bg == "pattern" and info.bg_pattern > 0 and r.random() < cs.p_background:
-            parts.append(f"on a {r.choice(PATTERNS[info.bg_pattern].words)} background")
+            parts.append(r.choice(BG_PATTERN_PHRASES).format(r.choice(PATTERNS[info.bg_pattern].words)))
     text = " ".join(parts)
     if style == CLUTTERED and r.random() < 0.2:
         text += " among other things"

@@ -49,15 +49,19 @@ RENDER_CHUNK = 512
 PRETRAIN_DIST = Distribution(
     solid_share=0.7, styles={"photo": 0.55, "cartoon": 0.35, "sketch": 0.05, "cluttered": 0.05},
     groups=(0.9, 0.08, 0.02), counts=(0.8, 0.08, 0.07, 0.05), sizes=(0.1, 0.45, 0.45),
-    backgrounds={"scene": 0.25, "plain": 0.55, "gradient": 0.1, "pattern": 0.05, "noise": 0.05},
+    backgrounds={"scene": 0.25, "plain": 0.45, "gradient": 0.1, "pattern": 0.15, "noise": 0.05},
     noise=(0.0, 0.02), blur=0.1, rot_deg=10.0)
-PRETRAIN_CAPTIONS = CaptionStyle(p_vague_kind=0.0, p_wrong_kind=0.02)
+# Patterned backgrounds are named half the time (sometimes as "a striped texture"): with 5% of them, named a
+# third of the time, the texture set stayed at chance.
+PRETRAIN_CAPTIONS = CaptionStyle(p_vague_kind=0.0, p_wrong_kind=0.02, p_background=0.5)
 # Curriculum: the first `curriculum` share of the steps draws from a cleaner stream (one object on a plain
-# background, short captions), where object identity is what tells captions apart.
+# background) whose captions name little but the object, so object identity is what tells them apart.
+# Measured (tiny-rn, 1000 steps): warm-up captions that also named colour (50%), pattern and style gave 19%
+# object zero-shot at the end; object-only captions (colour 25%) gave 53%, with the same colour accuracy.
 WARMUP_DIST = PRETRAIN_DIST.with_(groups=(1.0,), counts=(1.0,), sizes=(0.0, 0.5, 0.5), styles={"photo": 0.6, "cartoon": 0.4},
                                   backgrounds={"plain": 0.8, "gradient": 0.2}, noise=(0.0, 0.0), blur=0.0, rot_deg=0.0)
-WARMUP_CAPTIONS = CaptionStyle(p_colour=0.5, p_pattern=0.3, p_size=0.2, p_position=0.0, p_scene=0.0, p_background=0.1,
-                               p_style=0.3, p_synonym=0.0, p_vague_kind=0.0, p_wrong_kind=0.0, p_wrong_colour=0.0,
+WARMUP_CAPTIONS = CaptionStyle(p_colour=0.25, p_pattern=0.0, p_size=0.0, p_position=0.0, p_scene=0.0, p_background=0.0,
+                               p_style=0.0, p_synonym=0.0, p_vague_kind=0.0, p_wrong_kind=0.0, p_wrong_colour=0.0,
                                p_tags=0.0, p_filler=0.0)
 
 
