@@ -14,6 +14,7 @@ test features; a learner moves to other class names (novel classes, shifted or o
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
@@ -182,6 +183,7 @@ def coop_logits(image_features: torch.Tensor, class_embeddings: torch.Tensor, lo
 DEFAULTS: dict[str, Any] = {
     "n_ctx": 16, "ctx_init": "", "csc": False, "class_token_position": "end", "batch_size": 32,
     "epochs": None, "epochs_by_shots": {"1": 50, "2": 100, "4": 100, "8": 200, "16": 200}, "epochs_by_dataset": {},
+    "min_steps": 0,
     "cache_views": 1, "eval_chunk": 1024, "threads": 1,
     "train": {"optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1,
               "warmup_lr": 1e-5, "warmup_type": "constant", "schedule": "cosine", "schedule_unit": "epoch"},
@@ -212,8 +214,22 @@ def base_name(dataset_name: str) -> str:
     return dataset_name.split("[")[0]
 
 
-def epochs_for(cfg: dict, task: Task) -> int:
-    """Official schedule: 50 epochs at 1 shot, 100 at 2-4, 200 at 8-16; ImageNet 50 at every shot count."""
+def epochs_for(cfg: dict, task: Task, n_train: int | None = None) -> int:
+    """Official schedule: 50 epochs at 1 shot, 100 at 2-4, 200 at 8-16; ImageNet 50 at every shot count.
+    A fixed `epochs` is taken as it is; a scheduled count is raised to give at least `min_steps` optimiser
+    steps when the training-set size is known: a short epoch budget with a large batch would otherwise give
+    a 16-shot 10-class set a handful of steps."""
+    epochs = _scheduled_epochs(cfg, task)
+    min_steps = int(option(cfg, "min_steps") or 0)
+    if min_steps < 0:
+        raise ValueError(f"min_steps must be >= 0, got {min_steps}")
+    if min_steps and n_train and not cfg.get("epochs"):
+        per_epoch = len(index_batches(int(n_train), int(option(cfg, "batch_size")), 0, 0, shuffle=False))
+        epochs = max(epochs, math.ceil(min_steps / per_epoch))
+    return epochs
+
+
+def _scheduled_epochs(cfg: dict, task: Task) -> int:
     if cfg.get("epochs"):
         return int(cfg["epochs"])
     by_ds = option(cfg, "epochs_by_dataset") or {}
@@ -226,9 +242,9 @@ def epochs_for(cfg: dict, task: Task) -> int:
     return by_shots[fitting[0] if fitting else max(by_shots)]
 
 
-def train_config(cfg: dict, task: Task, epochs: int | None = None) -> TrainConfig:
+def train_config(cfg: dict, task: Task, epochs: int | None = None, n_train: int | None = None) -> TrainConfig:
     return TrainConfig.from_dict({**DEFAULTS["train"], **(cfg.get("train") or {}),
-                                  "epochs": epochs or epochs_for(cfg, task), "seed": int(task.seed)})
+                                  "epochs": epochs or epochs_for(cfg, task, n_train), "seed": int(task.seed)})
 
 
 def train_views(task: Task, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +281,7 @@ def train_coop(task: Task, cfg: dict, learner: PromptLearner | None = None, loss
     feats, labels = train_views(task, cfg)
     feats = feats.to(task.bundle.device)
     labels = labels.to(task.bundle.device)
-    tcfg = train_config(cfg, task)
+    tcfg = train_config(cfg, task, n_train=labels.numel())
     scale = logit_scale(task.bundle)
     trainer = Trainer(learner, tcfg, task.out_dir, desc=desc or f"coop {task.dataset.name} k{task.shots}")
 

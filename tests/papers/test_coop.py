@@ -150,6 +150,20 @@ def test_official_epoch_schedule(tiny_rn):
     assert cfg["train"]["lr"] == 0.002 and cfg["batch_size"] == 32 and cfg["n_ctx"] == 16
 
 
+def test_min_steps_extends_short_schedules(tiny_rn):
+    cfg = {**load_config(coop_main.CONFIG, "real"), "batch_size": 128, "epochs_by_shots": {"1": 30, "16": 6}, "min_steps": 100}
+    ds = Dataset("caltech101", ["a"], "{}", [], [], [])
+    at = lambda k, n: epochs_for(cfg, Task(cfg, tiny_rn, ds, k, 1, None), n_train=n)  # noqa: E731
+    assert at(16, 160) == 100        # 10 classes x 16 shots: one full batch per epoch -> 100 epochs of 1 step
+    assert at(16, 816) == 17         # 51 x 16: 6 full batches (the partial one dropped) -> ceil(100 / 6)
+    assert at(16, 5000) == 6         # the schedule already gives more than 100 steps
+    assert at(1, 10) == 100          # smaller than one batch: one step per epoch
+    assert epochs_for(cfg, Task(cfg, tiny_rn, ds, 16, 1, None)) == 6   # without the set size: the schedule
+    assert epochs_for({**cfg, "epochs": 2}, Task(cfg, tiny_rn, ds, 16, 1, None), n_train=160) == 2  # fixed: as set
+    with pytest.raises(ValueError, match="min_steps"):
+        epochs_for({**cfg, "min_steps": -1}, Task(cfg, tiny_rn, ds, 16, 1, None), n_train=10)
+
+
 def _toy_task(tmp_path, bundle, shots=2, seed=1, cfg=None):
     args = toy_overrides(tmp_path, bundle)
     cfg = cfg or load_config(coop_main.CONFIG, "embedded", args[1::2])
