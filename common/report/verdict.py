@@ -145,7 +145,7 @@ def evaluate_claim(claim: Claim, paper: Paper, records: Sequence[dict], profile:
     def datasets_of(sel: Selection) -> list[str]:
         if not sel.pinned:
             return common[pool_label(sel)]
-        want = [str(d) for d in profile_datasets(dict(sel.filters)["dataset"], profile)]
+        want = [str(d) for d in series[sel].filters["dataset"]]  # as resolved: the profile's own names
         have = {norm(d): d for d in avail[sel]}
         missing = [d for d in want if norm(d) not in have]
         if missing:

@@ -219,19 +219,19 @@ def epochs_for(cfg: dict, task: Task, n_train: int | None = None) -> int:
     A fixed `epochs` is taken as it is; a scheduled count is raised to give at least `min_steps` optimiser
     steps when the training-set size is known: a short epoch budget with a large batch would otherwise give
     a 16-shot 10-class set a handful of steps."""
-    epochs = _scheduled_epochs(cfg, task)
     min_steps = int(option(cfg, "min_steps") or 0)
     if min_steps < 0:
         raise ValueError(f"min_steps must be >= 0, got {min_steps}")
-    if min_steps and n_train and not cfg.get("epochs"):
+    if cfg.get("epochs"):
+        return int(cfg["epochs"])
+    epochs = _scheduled_epochs(cfg, task)
+    if min_steps and n_train:
         per_epoch = len(index_batches(int(n_train), int(option(cfg, "batch_size")), 0, 0, shuffle=False))
         epochs = max(epochs, math.ceil(min_steps / per_epoch))
     return epochs
 
 
 def _scheduled_epochs(cfg: dict, task: Task) -> int:
-    if cfg.get("epochs"):
-        return int(cfg["epochs"])
     by_ds = option(cfg, "epochs_by_dataset") or {}
     if base_name(task.dataset.name) in by_ds:
         return int(by_ds[base_name(task.dataset.name)])

@@ -12,7 +12,7 @@ from common.data.synthetic.captions import CaptionStyle, caption, captions
 from common.data.synthetic.render import PHOTO, SEG_NONE, SEG_OBJECT_OFFSET, SKETCH, render
 from common.data.synthetic.satellite import render_satellite
 from common.data.synthetic.shapes import GLYPH_OFFSET, kind_bank, pattern_bank
-from common.data.synthetic.vocab import BACKGROUNDS, COLOURS, KIND_INDEX, KINDS, PATTERNS, SCENES, STUFF
+from common.data.synthetic.vocab import BACKGROUNDS, COLOURS, KIND_INDEX, KINDS, PATTERN_INDEX, PATTERNS, SCENES, STUFF
 from common.data.synthetic.world import Distribution, Group, SceneInfo, sample_scenes
 
 
@@ -113,9 +113,9 @@ def test_caption_mentions_what_is_drawn():
     digit = SceneInfo([Group(GLYPH_OFFSET + 7, 0, 0, 1, 1)], BACKGROUNDS.index("plain"), 3, PHOTO, 0, (0.5, 0.5))
     digit_caps = [caption(digit, r) for _ in range(100)]
     assert all("7" in c or "seven" in c for c in digit_caps), "digits are always named"
-    striped = PATTERNS[[p.name for p in PATTERNS].index("striped")]
+    striped = PATTERNS[PATTERN_INDEX["striped"]]
     on_stripes = SceneInfo([Group(star, 0, 0, 1, 1)], BACKGROUNDS.index("pattern"), -1, PHOTO, 0, (0.5, 0.5),
-                           bg_pattern=PATTERNS.index(striped))
+                           bg_pattern=PATTERN_INDEX["striped"])
     bg_caps = [caption(on_stripes, r, CaptionStyle(p_background=1.0, p_tags=0.0)) for _ in range(200)]
     assert all(any(w in c for w in striped.words) for c in bg_caps), "a patterned background is described"
     assert 0.2 < np.mean(["texture" in c for c in bg_caps]) < 0.6, "sometimes as a texture (DTD's class names)"
