@@ -109,3 +109,7 @@ def test_pretrain_writes_loadable_checkpoints_for_both_archs(tmp_path):
     with pytest.raises(ValueError, match="teacher"):
         P.pretrain("tiny-vit", vit, steps=1, batch=8, lr=1e-3, wd=0.1, warmup=1, pool=8, seed=1, distill=1.0,
                    progress=False)
+    if not torch.cuda.is_available():  # the GPU option (recipe sweeps) names what is missing
+        with pytest.raises(RuntimeError, match="no CUDA GPU.*--device cpu"):
+            P.pretrain("tiny-rn", rn, steps=1, batch=8, lr=1e-3, wd=0.1, warmup=1, pool=8, seed=0, progress=False,
+                       device="cuda")

@@ -112,6 +112,27 @@ def test_object_hierarchy_and_variants(small_suite):
     assert sk.meta["hierarchy"] == tree
 
 
+def test_fewshot_files_are_written_with_the_suite(small_suite):
+    """The world stage writes every few-shot file, so paper runs only read them (the stage's outputs stay fixed)."""
+    import yaml
+
+    from common.config import SHARED_PROFILES
+    from common.data import fewshot_split
+
+    root, _ = small_suite
+    defaults = yaml.safe_load(SHARED_PROFILES.read_text())["defaults"]
+    ds = build_dataset("emb_counting", root)
+    folder = Path(ds.root) / "split_fewshot"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(f"shot_{k}-seed_{s}.json" for k in defaults["shots"] for s in defaults["seeds"])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    few = fewshot_split(ds, 4, 2)  # reads the file, writes nothing
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    per_class = np.bincount([d.label for d in ds.train], minlength=ds.num_classes)
+    assert len(few.train) == np.minimum(per_class, 4).sum() and {d.impath for d in few.train} <= {d.impath for d in ds.train}
+    assert not (Path(build_dataset("emb_objects_sketch", root).root) / "split_fewshot").exists()  # no train split
+
+
 def test_multilabel_targets_and_caption_corpus(small_suite):
     root, _ = small_suite
     ds = build_dataset("emb_multilabel", root)

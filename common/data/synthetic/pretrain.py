@@ -138,12 +138,13 @@ def quick_zero_shot(model, tokenizer, image_size: int, seed: int = 12345, n: int
                                                      "count": np.ones(n, int)})
     imgs = render(spec, rng, 64)
     model.eval()
-    feats = F.normalize(model.encode_image(to_model_input(imgs, image_size)), dim=-1)
+    device = next(model.parameters()).device
+    feats = F.normalize(model.encode_image(to_model_input(imgs, image_size).to(device)).float(), dim=-1)
     out = {}
     for name, labels, classes, tmpl in (("object", np.searchsorted(pool, kinds), [KINDS[k].name for k in pool], "a photo of a {}."),
                                         ("colour", np.searchsorted(basic, colours), [COLOURS[i].name for i in basic], "a photo of a {} object.")):
-        t = F.normalize(model.encode_text(tokenizer([tmpl.format(c) for c in classes])), dim=-1)
-        out[name] = float(((feats @ t.T).argmax(1).numpy() == labels).mean())
+        t = F.normalize(model.encode_text(tokenizer([tmpl.format(c) for c in classes]).to(device)).float(), dim=-1)
+        out[name] = float(((feats @ t.T).argmax(1).cpu().numpy() == labels).mean())
     model.train()
     return out
 
@@ -169,7 +170,7 @@ def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bo
                x_teacher: torch.Tensor | None = None, distill: float = 0.0) -> float:
     """One optimiser step of the contrastive loss (+ distill x cosine distance to the teacher's image
     embedding). Returns the loss."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         fi = F.normalize(model.encode_image(x).float(), dim=-1)
         ft = F.normalize(model.encode_text(tok).float(), dim=-1)
         loss = loss_fn(fi, ft, model.logit_scale.exp(), tokens=tok)
@@ -189,8 +190,9 @@ def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bo
 def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: float, warmup: int, pool: int, seed: int,
              distill: float = 0.0, teacher: str | None = None, curriculum: float = 0.0, dist: Distribution = PRETRAIN_DIST,
              cstyle: CaptionStyle = PRETRAIN_CAPTIONS, threads: int = 2, amp: str = "auto", eval_every: int = 0,
-             eval_n: int = 512, progress: bool = True) -> dict:
-    """Train `arch` from scratch and save it to `out`. Returns the training log (also written to out.json)."""
+             eval_n: int = 512, progress: bool = True, device: str = "cpu") -> dict:
+    """Train `arch` from scratch and save it to `out`. Returns the training log (also written to out.json).
+    The pipeline trains on the CPU (seeded, deterministic); `device="cuda"` is for quick recipe sweeps."""
     t_start = time.time()
     torch.manual_seed(seed)
     random.seed(seed)
@@ -199,7 +201,10 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
         torch.set_num_threads(threads)
     bundle = load_clip(arch, "random")
     model, tokenizer, image_size = bundle.model, bundle.tokenizer, bundle.image_size
-    use_bf16 = bf16_supported() if amp == "auto" else amp == "bf16"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA GPU; the default is --device cpu")
+    use_bf16 = (device.type == "cuda" or bf16_supported()) if amp == "auto" else amp == "bf16"
 
     teacher_model = None
     teacher = None if teacher in (None, "", "none") else teacher
@@ -207,7 +212,7 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
         if not teacher:
             raise ValueError(f"{arch}: distill={distill} needs --teacher (a tiny-rn checkpoint)")
         tb = load_clip("tiny-rn", teacher)
-        teacher_model = tb.model.eval()
+        teacher_model = tb.model.eval().to(device)
         # start from the teacher's text tower when the shapes agree (same text config)
         t_sd = {k: v for k, v in teacher_model.state_dict().items() if not k.startswith("visual.")}
         own = model.state_dict()
@@ -218,6 +223,7 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
 
     for p in model.parameters():
         p.requires_grad_(True)
+    model = model.to(device)
     if not bundle.is_vit:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -233,7 +239,7 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
     warm_stream = (WARMUP_CAPTIONS, *render_pool(pool // 2, seed + 7919, WARMUP_DIST, 64, progress)) if warm_steps else None
     t_render = time.time() - t0
     rng = np.random.default_rng([seed, 999])
-    log = {"arch": arch, "steps": steps, "batch": batch, "lr": lr, "wd": wd, "warmup": warmup, "pool": pool, "seed": seed,
+    log = {"arch": arch, "device": device.type, "steps": steps, "batch": batch, "lr": lr, "wd": wd, "warmup": warmup, "pool": pool, "seed": seed,
            "distill": distill, "teacher": str(teacher) if teacher else None, "bf16": use_bf16, "render_s": round(t_render, 1),
            "curriculum": curriculum, "distribution": asdict(dist), "caption_style": asdict(cstyle),
            "warmup_distribution": asdict(WARMUP_DIST) if warm_steps else None,
@@ -249,15 +255,15 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
         idx = np.sort(order[cursor:cursor + batch])
         cursor += batch
         texts = captions([infos[i] for i in idx], seed * 1_000_003 + step, step_cstyle)
-        x = to_model_input(images[idx], image_size)
+        x = to_model_input(images[idx], image_size).to(device)
         if not bundle.is_vit:
             x = x.contiguous(memory_format=torch.channels_last)
-        tok = tokenizer(texts)
+        tok = tokenizer(texts).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, warmup, lr)
         x_teacher = None
         if teacher_model is not None:
-            x_teacher = to_model_input(images[idx], 64).contiguous(memory_format=torch.channels_last)
+            x_teacher = to_model_input(images[idx], 64).to(device).contiguous(memory_format=torch.channels_last)
         loss = train_step(model, opt, loss_fn, x, tok, use_bf16, teacher_model, x_teacher, distill)
         log["loss"].append(round(float(loss), 4))
         bar.set_postfix(loss=f"{loss:.3f}", scale=f"{float(model.logit_scale.exp()):.1f}")
@@ -270,7 +276,7 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
     ev = quick_zero_shot(model, tokenizer, image_size, n=eval_n, dist=dist)
     log["evals"].append({"step": steps, "min": round(train_s / 60, 2), **ev})
     log.update(train_s=round(train_s, 1), total_s=round(time.time() - t_start, 1), s_per_step=round(train_s / max(steps, 1), 3))
-    model = model.to(memory_format=torch.contiguous_format)
+    model = model.to("cpu", memory_format=torch.contiguous_format)
     out = save_clip_checkpoint(model, out)
     Path(str(out) + ".json").write_text(json.dumps(log, indent=1))
     print(f"saved {out}: {ev}, {train_s / 60:.1f} min training, {t_render:.0f} s rendering")
@@ -287,13 +293,14 @@ def main(argv=None) -> None:
                         ", ".join(f"{a}={d[k]}" for a, d in DEFAULTS.items()))
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the default machine has 2 cores)")
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast (auto: if the CPU has bf16)")
+    ap.add_argument("--device", default="cpu", help="cpu (the pipeline) or cuda (recipe sweeps on a GPU)")
     ap.add_argument("--eval-every", type=int, default=0, help="print a quick zero-shot check every N steps")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     cfg = dict(DEFAULTS[a.arch])
     cfg.update({k: getattr(a, k) for k in cfg if getattr(a, k) is not None})
     pretrain(a.arch, a.out, teacher=a.teacher, threads=a.threads, amp=a.amp, eval_every=a.eval_every,
-             progress=not a.no_progress, **cfg)
+             progress=not a.no_progress, device=a.device, **cfg)
 
 
 if __name__ == "__main__":

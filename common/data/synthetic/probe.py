@@ -32,18 +32,18 @@ C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
 @torch.no_grad()
 def image_features(bundle, paths: list[str], batch: int = 256) -> torch.Tensor:
     """L2-normalised image features of image files (eval transform), batched."""
-    model, pre = bundle.model.eval(), bundle.preprocess_val
+    model, pre, device = bundle.model.eval(), bundle.preprocess_val, bundle.device
     out = []
     for i in range(0, len(paths), batch):
-        x = torch.stack([pre(load_image(p)) for p in paths[i:i + batch]])
-        out.append(F.normalize(model.encode_image(x).float(), dim=-1))
+        x = torch.stack([pre(load_image(p)) for p in paths[i:i + batch]]).to(device)
+        out.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, bundle.embed_dim)
 
 
 @torch.no_grad()
 def text_classifier(bundle, classnames: list[str], template: str) -> torch.Tensor:
-    tok = bundle.tokenizer([template.format(c) for c in classnames])
-    return F.normalize(bundle.model.encode_text(tok).float(), dim=-1)
+    tok = bundle.tokenizer([template.format(c) for c in classnames]).to(bundle.device)
+    return F.normalize(bundle.model.encode_text(tok).float(), dim=-1).cpu()
 
 
 def logistic_probe(xtr, ytr, xva, yva, xte, yte, c_grid=C_GRID) -> tuple[float, float]:
@@ -93,10 +93,10 @@ def probe_dataset(bundle, name: str, root: str | Path, shots: int = 16, seed: in
 
 
 def probe(arch: str, ckpt: str, root: str | Path = "data/embedded", datasets=None, shots: int = 16, seed: int = 1,
-          threads: int = 2) -> list[dict]:
+          threads: int = 2, device: str = "cpu") -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
-    bundle = load_clip(arch, ckpt)
+    bundle = load_clip(arch, ckpt, device=device)
     rows, cache = [], {}
     source = {}
     for name in tqdm(datasets or PROBE_DATASETS, desc=f"probe {arch}", leave=False):
@@ -169,10 +169,11 @@ def main(argv=None) -> None:
     ap.add_argument("--datasets", nargs="*", default=None, help=f"default: {' '.join(PROBE_DATASETS)}")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where the image features are computed (cpu or cuda)")
     ap.add_argument("--json", default=None, help="write the rows to this JSON file")
     a = ap.parse_args(argv)
     print(f"{'dataset':<24} {'cls':>4} {'chance':>6} {'zs':>6} {'probe':>6}")
-    rows = probe(a.arch, a.ckpt, a.root, a.datasets, a.shots, a.seed)
+    rows = probe(a.arch, a.ckpt, a.root, a.datasets, a.shots, a.seed, device=a.device)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"arch": a.arch, "ckpt": a.ckpt, "shots": a.shots, "seed": a.seed, "rows": rows}, indent=1))

@@ -19,10 +19,12 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from common.data import Datum, write_split_json
+from common.config import SHARED_PROFILES
+from common.data import Datum, build_dataset, fewshot_split, write_split_json
 
 from . import descriptors
 from .captions import CaptionStyle, captions
@@ -335,6 +337,18 @@ def write_captions(root: Path, seed: int, n: int = 10000) -> int:
     return len(caps)
 
 
+def write_fewshot_files(name: str, root: Path) -> int:
+    """CoOp's few-shot files (`split_fewshot/shot_K-seed_S.json`) for every shot count and seed of the shared
+    profiles, written with the suite so they are part of the world stage's output (paper runs only read them)."""
+    defaults = yaml.safe_load(SHARED_PROFILES.read_text())["defaults"]
+    ds = build_dataset(name, root)
+    shutil.rmtree(Path(ds.root) / "split_fewshot", ignore_errors=True)
+    for shots in defaults["shots"]:
+        for seed in defaults["seeds"]:
+            fewshot_split(ds, shots, seed)
+    return len(defaults["shots"]) * len(defaults["seeds"])
+
+
 def write_suite(root: str | Path = "data/embedded", seed: int = 2024, size: int = 64, only: list[str] | None = None,
                 scale: float = 1.0, fashion_dir: Path = FASHION_DIR, progress: bool = True) -> dict:
     """Write every set (or `only` these) under root. `scale` shrinks the per-class counts (tests)."""
@@ -358,6 +372,8 @@ def write_suite(root: str | Path = "data/embedded", seed: int = 2024, size: int 
         else:
             counts = write_classification(root, info, seed, size, scale)
         descriptors.write_descriptor_files(root / info.folder, name)
+        if info.kind == "classification" and counts.get("train"):
+            write_fewshot_files(name, root)
         if name == "emb_objects" or name.startswith("emb_objects_"):
             (root / info.folder / "hierarchy.json").write_text(json.dumps(hierarchy(list(OBJECT_CLASSES)), indent=1))
         summary[name] = {**counts, "seconds": round(time.time() - t, 1)}
