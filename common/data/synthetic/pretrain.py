@@ -36,7 +36,7 @@ from .world import Distribution, SceneInfo, sample_scenes
 
 # Defaults per architecture (params.yaml `pretrain:` passes the same keys explicitly).
 DEFAULTS = {
-    "tiny-rn": dict(steps=1000, batch=128, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0, curriculum=0.5),
+    "tiny-rn": dict(steps=1200, batch=256, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0, curriculum=0.3),
     "tiny-vit": dict(steps=800, batch=128, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=1, distill=1.0, curriculum=0.5),
 }
 RENDER_CHUNK = 512
@@ -48,9 +48,10 @@ RENDER_CHUNK = 512
 # as fast. The downstream sets keep their noise, blur, clutter and styles: that gap is the room for transfer.
 PRETRAIN_DIST = Distribution(
     solid_share=0.7, styles={"photo": 0.55, "cartoon": 0.35, "sketch": 0.05, "cluttered": 0.05},
-    groups=(0.9, 0.08, 0.02), counts=(0.8, 0.08, 0.07, 0.05), sizes=(0.1, 0.45, 0.45),
+    groups=(0.9, 0.08, 0.02), counts=(0.55, 0.15, 0.15, 0.15), sizes=(0.1, 0.45, 0.45),
     backgrounds={"scene": 0.25, "plain": 0.45, "gradient": 0.1, "pattern": 0.15, "noise": 0.05},
     noise=(0.0, 0.02), blur=0.1, rot_deg=10.0)
+# Groups of 2-4 objects are 45% of the stream (they were 20%): emb_counting zero-shot 33.8 -> 38.7% (GPU sweep).
 # Patterned backgrounds are named half the time (sometimes as "a striped texture"): with 5% of them, named a
 # third of the time, the texture set stayed at chance.
 PRETRAIN_CAPTIONS = CaptionStyle(p_vague_kind=0.0, p_wrong_kind=0.02, p_background=0.5)
