@@ -101,6 +101,29 @@ def pretrain_table(logs: list[str | Path]) -> str:
     return "\n".join(lines)
 
 
+SWEEP_COLUMNS = ["emb_objects", "emb_textures", "emb_scenes", "emb_finegrained", "emb_counting", "emb_satellite"]
+
+
+def sweep_table(paths: list[str | Path]) -> str:
+    """Recipe-sweep records (`sweep.py` JSON lines): recipe, quick object zero-shot, then downstream
+    zero-shot / 16-shot probe per set, best quick check first within each tower."""
+    recs = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    recs.sort(key=lambda r: (r["arch"], -r["evals"][-1]["object"]))
+    lines = ["| variant | tower | steps x batch | seed | curriculum | groups of 2-4 | object zero-shot (quick) | "
+             + " | ".join(f"{c[4:]} zs / probe" for c in SWEEP_COLUMNS) + " |",
+             "|---" * (7 + len(SWEEP_COLUMNS)) + "|"]
+    for r in recs:
+        c = r["cfg"]
+        groups = "" if "counts" not in r else f"{100 * (1 - r['counts'][0]):.0f}%"
+        cells = [r["variant"], r["arch"], f"{c['steps']} x {c['batch']}", str(c["seed"]), str(c["curriculum"]), groups,
+                 f"{100 * r['evals'][-1]['object']:.0f}%"]
+        for name in SWEEP_COLUMNS:
+            zs, lp = r["rows"].get(name, (None, None))
+            cells.append("" if zs is None else f"{zs:.1f} / {lp:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     begin, end = f"<!-- BEGIN generated:{name} -->", f"<!-- END generated:{name} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"
@@ -115,6 +138,7 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", default="data/samples.png")
     ap.add_argument("--probe", nargs="*", default=[], help="probe JSON files (python -m common.data.synthetic.probe --json)")
     ap.add_argument("--pretrain-logs", nargs="*", default=[], help="checkpoint JSON logs (<ckpt>.pt.json)")
+    ap.add_argument("--sweeps", nargs="*", default=[], help="recipe-sweep JSON lines (python -m common.data.synthetic.sweep)")
     ap.add_argument("--readme", default="data/README.md")
     a = ap.parse_args(argv)
     sample_grid(a.root, a.grid)
@@ -124,6 +148,8 @@ def main(argv=None) -> None:
     text = replace_block(text, "suite", suite_table(a.root))
     if a.pretrain_logs:
         text = replace_block(text, "pretrain", pretrain_table(a.pretrain_logs))
+    if a.sweeps:
+        text = replace_block(text, "sweep", sweep_table(a.sweeps))
     if a.probe:
         results = {}
         for p in a.probe:
