@@ -7,7 +7,9 @@ and how to use the embedded profile instead (open_clip itself would retry downlo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +178,9 @@ def load_clip(arch: str, pretrained: str | os.PathLike | None, device: str | tor
                 f"CLIP checkpoint file {path} does not exist (arch={arch!r}). "
                 + (f"Build it with `dvc repro pretrain`. " if arch in EMBEDDED_ARCHS else "")
                 + EMBEDDED_HINT)
-        model, pre_train, pre_val = open_clip.create_model_and_transforms(
-            arch, pretrained=None, precision="fp32", device="cpu", force_quick_gelu=force_qg, **model_kwargs)
+        with _weights_loaded_next():
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                arch, pretrained=None, precision="fp32", device="cpu", force_quick_gelu=force_qg, **model_kwargs)
         state = _load_state_dict(path)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -207,6 +210,23 @@ def load_clip(arch: str, pretrained: str | os.PathLike | None, device: str | tor
         p.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(arch)
     return ClipBundle(model, pre_train, pre_val, tokenizer, arch, pretrained, ckpt_id)
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _weights_loaded_next():
+    """open_clip warns that a model built without a tag is "initialized randomly"; when the checkpoint file is
+    loaded right after, that warning is wrong, so it is dropped (its other messages pass)."""
+    root, notice = logging.getLogger(), _DropRandomInitNotice()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def _to_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:

@@ -1,3 +1,4 @@
+import logging
 import time
 
 import pytest
@@ -42,6 +43,16 @@ def test_checkpoint_round_trip_and_content_hash(tmp_path, tiny_clip):
         b.model.logit_scale.add_(1.0)
     path2 = save_clip_checkpoint(b.model, tmp_path / "m2.pt")
     assert load_clip(tiny_clip.arch, path2).checkpoint_id != b.checkpoint_id
+
+
+def test_loading_a_checkpoint_does_not_say_random_init(tmp_path, tiny_rn, caplog):
+    path = save_clip_checkpoint(tiny_rn.model, tmp_path / "m.pt")
+    with caplog.at_level(logging.WARNING):
+        load_clip("tiny-rn", path)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):  # asked for: open_clip's notice stays
+        load_clip("tiny-rn", "random")
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
 
 
 def test_openai_style_wrapped_state_dict(tmp_path, tiny_rn):
