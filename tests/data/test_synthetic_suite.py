@@ -114,13 +114,11 @@ def test_object_hierarchy_and_variants(small_suite):
 
 def test_fewshot_files_are_written_with_the_suite(small_suite):
     """The world stage writes every few-shot file, so paper runs only read them (the stage's outputs stay fixed)."""
-    import yaml
-
-    from common.config import SHARED_PROFILES
+    from common.config import SHARED_PROFILES, read_yaml
     from common.data import fewshot_split
 
     root, _ = small_suite
-    defaults = yaml.safe_load(SHARED_PROFILES.read_text())["defaults"]
+    defaults = read_yaml(SHARED_PROFILES)["defaults"]
     ds = build_dataset("emb_counting", root)
     folder = Path(ds.root) / "split_fewshot"
     names = sorted(p.name for p in folder.iterdir())

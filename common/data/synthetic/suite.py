@@ -19,11 +19,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from common.config import SHARED_PROFILES
+from common.config import SHARED_PROFILES, read_yaml
 from common.data import Datum, build_dataset, fewshot_split, write_split_json
 
 from . import descriptors
@@ -340,7 +339,7 @@ def write_captions(root: Path, seed: int, n: int = 10000) -> int:
 def write_fewshot_files(name: str, root: Path) -> int:
     """CoOp's few-shot files (`split_fewshot/shot_K-seed_S.json`) for every shot count and seed of the shared
     profiles, written with the suite so they are part of the world stage's output (paper runs only read them)."""
-    defaults = yaml.safe_load(SHARED_PROFILES.read_text())["defaults"]
+    defaults = read_yaml(SHARED_PROFILES)["defaults"]
     ds = build_dataset(name, root)
     shutil.rmtree(Path(ds.root) / "split_fewshot", ignore_errors=True)
     for shots in defaults["shots"]:
