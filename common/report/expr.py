@@ -16,6 +16,14 @@ Selections (``mean``/``per`` with a metric name first) take ``key=value`` filter
 for ``per`` and ``exclude=[datasets]``. Bare names are strings. ``per`` gives a vector keyed by dataset
 (or shot count); arithmetic and comparisons between vectors align on their common keys. Comparisons use
 an absolute slack of 1e-9 so that tolerance boundaries are not decided by float rounding.
+
+Evaluation is vectorised over *replicates*: a resolver may return, for every selection, an array of B
+values (one per bootstrap resample or per seed) instead of one number, and the check is evaluated for all
+of them at once. Every true/false result carries a signed **margin** (positive where the check holds, its
+size in the check's own units): ``a > b`` has margin ``a - b``; ``and``/``all`` the smallest margin of their
+parts, ``or``/``any`` the largest; ``count(v) >= n`` the n-th largest element margin (the comparison that
+decides whether n elements hold); ``argmax(v) == k`` the gap between ``v[k]`` and the best other element;
+``increasing(v)`` the smallest step. The verdict engine turns the margins of resampled runs into an interval.
 """
 from __future__ import annotations
 
@@ -24,7 +32,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .records import FILTER_KEYS, Missing
+import numpy as np
+
+from .records import FILTER_KEYS, Missing, norm
 
 EPS = 1e-9
 SELECTORS = ("mean", "per")
@@ -33,6 +43,9 @@ VEC_FUNCS = {"count", "all", "any", "frac", "n", "argmax", "argmin", "increasing
 FUNCS = set(SELECTORS) | VEC_FUNCS | {"min", "max", "abs", "hm"}
 _CMP = {ast.Gt: ">", ast.GtE: ">=", ast.Lt: "<", ast.LtE: "<=", ast.Eq: "==", ast.NotEq: "!="}
 _BIN = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_FLIP = {">": "<", ">=": "<=", "<": ">", "<=": ">=", "==": "==", "!=": "!="}
+# A numeric threshold beyond this many points on a point-valued comparison is an absolute magnitude.
+MAGNITUDE_POINTS = 2.0
 
 
 class ExpressionError(ValueError):
@@ -54,6 +67,10 @@ class Selection:
         """True when the call names its datasets (then it is not intersected with the others)."""
         return any(k == "dataset" for k, _ in self.filters)
 
+    @property
+    def pins_shots(self) -> bool:
+        return any(k == "shots" for k, _ in self.filters)
+
     def filter_dict(self) -> dict[str, tuple]:
         return dict(self.filters)
 
@@ -68,7 +85,7 @@ class Vec:
         self.values = dict(sorted(self.values.items(), key=lambda kv: _key_order(kv[0])))
 
     def is_bool(self) -> bool:
-        return all(isinstance(v, bool) for v in self.values.values())
+        return all(isinstance(v, (bool, Truth)) for v in self.values.values())
 
 
 def _key_order(k):
@@ -76,24 +93,68 @@ def _key_order(k):
 
 
 @dataclass
+class Truth:
+    """A true/false outcome per replicate with its signed margin (> 0 where it holds)."""
+    value: np.ndarray               # bool, shape (B,) or (1,)
+    margin: np.ndarray              # float, same shape
+
+
+def _truth(value, margin) -> Truth:
+    return Truth(np.atleast_1d(np.asarray(value, bool)), np.atleast_1d(np.asarray(margin, float)))
+
+
+def _const_truth(b: bool) -> Truth:
+    return _truth(b, math.inf if b else -math.inf)
+
+
+@dataclass
+class Count:
+    """``count(v)`` (scale 1) or ``frac(v)`` (scale 1/n): the number per replicate, plus the element margins
+    sorted from largest to smallest, so a comparison with a threshold knows which element decides it."""
+    values: np.ndarray              # (B,)
+    margins: np.ndarray             # (B, n) descending
+    scale: float = 1.0
+
+    @property
+    def number(self) -> np.ndarray:
+        return self.values * self.scale
+
+
+@dataclass
+class Pick:
+    """``argmax(v)``/``argmin(v)``: the chosen key per replicate and the vector it was chosen from."""
+    kind: str                       # argmax | argmin
+    keys: list
+    matrix: np.ndarray              # (B, n) values in key order
+
+    def chosen(self) -> list:
+        idx = (self.matrix.argmax(1) if self.kind == "argmax" else self.matrix.argmin(1))  # first on ties
+        return [self.keys[i] for i in idx]
+
+
+@dataclass
 class Step:
-    """One scalar comparison met while evaluating (shown in reports as the deciding arithmetic)."""
+    """One comparison or vector reduction met while evaluating (shown in reports as the deciding arithmetic).
+    Values are numbers, or {key: number} for vector steps; ``result`` is a bool or {key: bool}."""
     left: str
     left_value: Any
     op: str
     right: str
     right_value: Any
     result: Any
+    kind: str = "compare"           # compare | reduce
 
 
 @dataclass
 class Trace:
     steps: list[Step] = field(default_factory=list)
+    margin: float = math.nan
 
 
 class Expression:
     """A parsed, validated claim check. ``evaluate(resolver)`` computes its truth value, where
-    ``resolver(selection)`` returns a float (``mean``) or a :class:`Vec` (``per``)."""
+    ``resolver(selection)`` returns a float (``mean``) or a :class:`Vec` (``per``); ``evaluate_batch`` does
+    the same for B replicates at once (the resolver returns arrays of shape (B,))."""
 
     def __init__(self, text: str, where: str = "check"):
         self.text = text.strip()
@@ -152,10 +213,7 @@ class Expression:
         fn = node.func.id
         if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
             raise self._err(node, f"{fn}(): * and ** arguments are not allowed")
-        first = node.args[0] if node.args else None
-        names_metric = isinstance(first, ast.Name) or (isinstance(first, ast.Constant)
-                                                       and isinstance(first.value, str))
-        if fn in SELECTORS and names_metric:
+        if fn in SELECTORS and _names_metric(node):
             self._validate_selection(node)
             return
         if node.keywords:
@@ -226,40 +284,110 @@ class Expression:
                 return 1.0
             return Vec(sel.by, {1: 1.0, 2: 2.0} if sel.by == "shots" else {"a": 1.0, "b": 2.0})
         try:
-            out = self.evaluate(fake)[0]
-        except ZeroDivisionError:
+            out = self._eval(self.tree.body, _point(fake), None)
+        except (ZeroDivisionError, FloatingPointError, Missing):
             return
-        except Missing:
-            return
-        if not isinstance(out, bool):
+        if not isinstance(out, Truth):
             raise ExpressionError(f"{self.where}: the check must be true/false, but `{self.text}` gives "
                                   + ("a per-dataset vector: wrap it in all(), any(), count() or frac()"
-                                     if isinstance(out, Vec) else f"a {type(out).__name__}"))
+                                     if isinstance(out, Vec) else f"{_kind(out)}"))
+
+    # -- units: which constants are absolute magnitudes -------------------------------------------
+    def point_thresholds(self) -> list[float]:
+        """Numeric constants (|c| > MAGNITUDE_POINTS) that act as a threshold or an offset in points on an
+        accuracy-valued term (``a - b >= 14``, ``a > b + 5``): the paper's absolute sizes. Multipliers
+        (``2 * mean(chance, ...)``), counts (``count(...) >= 7``) and ratios are not points."""
+        flagged: list[float] = []
+
+        def unit(node) -> str:
+            if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+                return "const"
+            if isinstance(node, ast.UnaryOp):
+                return unit(node.operand)
+            if isinstance(node, ast.Call):
+                if id(node) in self._sel_of:
+                    return "pts"
+                fn = node.func.id
+                inner = [unit(a) for a in node.args]
+                if fn in ("mean", "min", "max", "abs", "hm"):
+                    return "pts" if "pts" in inner else ("ratio" if "ratio" in inner else "const")
+                return "other"                  # count, frac, n, all, any, argmax, increasing: not points
+            if isinstance(node, ast.BinOp):
+                a, b = unit(node.left), unit(node.right)
+                if isinstance(node.op, (ast.Add, ast.Sub)):
+                    for u, other in ((a, node.right), (b, node.left)):
+                        if u == "pts":
+                            _flag(other)
+                    return "pts" if "pts" in (a, b) else a
+                if isinstance(node.op, ast.Div) and a == b == "pts":
+                    return "ratio"
+                return "pts" if "pts" in (a, b) else ("ratio" if "ratio" in (a, b) else a)
+            if isinstance(node, ast.Compare):
+                units = [unit(n) for n in [node.left, *node.comparators]]
+                operands = [node.left, *node.comparators]
+                for i in range(len(operands) - 1):
+                    for j, k in ((i, i + 1), (i + 1, i)):
+                        if units[j] == "pts":
+                            _flag(operands[k])
+                return "bool"
+            if isinstance(node, ast.BoolOp):
+                for v in node.values:
+                    unit(v)
+                return "bool"
+            return "other"
+
+        def _flag(node) -> None:
+            val = _constant_value(node)
+            if val is not None and abs(val) > MAGNITUDE_POINTS:
+                flagged.append(val)
+
+        unit(self.tree.body)
+        return flagged
 
     # -- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, resolver: Callable[[Selection], Any]) -> tuple[Any, Trace]:
+    def evaluate(self, resolver: Callable[[Selection], Any]) -> tuple[bool, Trace]:
+        """Point evaluation: ``resolver`` returns floats / Vec of floats. Returns (truth, trace); the trace
+        holds the deciding comparisons and the margin."""
         trace = Trace()
-        return self._eval(self.tree.body, resolver, trace), trace
+        out = self._eval(self.tree.body, _point(resolver), trace)
+        truth = self._as_truth(self.tree.body, out)
+        trace.margin = float(truth.margin[0])
+        return bool(truth.value[0]), trace
+
+    def evaluate_batch(self, resolver: Callable[[Selection], Any]) -> Truth:
+        """Vectorised evaluation: ``resolver`` returns arrays of shape (B,) (or Vec of them)."""
+        return self._as_truth(self.tree.body, self._eval(self.tree.body, resolver, None))
+
+    def _as_truth(self, node, out) -> Truth:
+        if isinstance(out, Truth):
+            return out
+        raise self._err(node, f"the check must be true/false, got {_kind(out)}")
 
     def _eval(self, node, res, trace):
         if isinstance(node, ast.Constant):
-            return node.value
+            return _const_truth(node.value) if isinstance(node.value, bool) else node.value
         if isinstance(node, ast.Name):
-            return {"true": True, "false": False, "null": None}.get(node.id, node.id)
+            lit = {"true": True, "false": False}.get(node.id)
+            if lit is not None:
+                return _const_truth(lit)
+            return None if node.id == "null" else node.id
         if isinstance(node, ast.UnaryOp):
             v = self._eval(node.operand, res, trace)
             if isinstance(node.op, ast.Not):
-                return not self._bool(node, v)
-            if isinstance(node.op, ast.USub):
-                return self._arith(node, -1.0, v, lambda a, b: a * b)
-            return self._arith(node, 1.0, v, lambda a, b: a * b)
+                t = self._bool(node, v)
+                return Truth(~t.value, -t.margin)
+            sign = -1.0 if isinstance(node.op, ast.USub) else 1.0
+            return self._arith(node, sign, v, lambda a, b: a * b)
         if isinstance(node, ast.BoolOp):
-            vals = [self._bool(n, self._eval(n, res, trace)) for n in node.values]  # no short-circuit
-            return all(vals) if isinstance(node.op, ast.And) else any(vals)
+            parts = [self._bool(n, self._eval(n, res, trace)) for n in node.values]  # no short-circuit
+            stack_v = np.broadcast_arrays(*[p.value for p in parts])
+            stack_m = np.broadcast_arrays(*[p.margin for p in parts])
+            if isinstance(node.op, ast.And):
+                return Truth(np.logical_and.reduce(stack_v), np.minimum.reduce(stack_m))
+            return Truth(np.logical_or.reduce(stack_v), np.maximum.reduce(stack_m))
         if isinstance(node, ast.BinOp):
             a, b = self._eval(node.left, res, trace), self._eval(node.right, res, trace)
-            op = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y,
-                  ast.Mult: lambda x, y: x * y, ast.Div: lambda x, y: x / y}[type(node.op)]
+            op = {ast.Add: np.add, ast.Sub: np.subtract, ast.Mult: np.multiply, ast.Div: _divide}[type(node.op)]
             return self._arith(node, a, b, op)
         if isinstance(node, ast.Compare):
             return self._compare(node, res, trace)
@@ -267,13 +395,17 @@ class Expression:
             return self._call(node, res, trace)
         raise self._err(node, f"'{type(node).__name__}' syntax is not allowed")
 
-    def _bool(self, node, v):
-        if not isinstance(v, bool):
+    def _bool(self, node, v) -> Truth:
+        if not isinstance(v, Truth):
             raise self._err(node, "and/or/not need true/false operands"
                             + (" (wrap a per-dataset vector in all()/any())" if isinstance(v, Vec) else ""))
         return v
 
     def _num(self, node, v):
+        if isinstance(v, Count):
+            return v.number
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            return v
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise self._err(node, f"expected a number, got {_kind(v)}")
         return float(v)
@@ -286,18 +418,66 @@ class Expression:
     def _compare(self, node, res, trace):
         operands = [node.left, *node.comparators]
         values = [self._eval(n, res, trace) for n in operands]
-        result: Any = True
+        result: Any = None
         for i, op in enumerate(node.ops):
             sym = _CMP[type(op)]
             a, b = values[i], values[i + 1]
             if isinstance(a, Vec) or isinstance(b, Vec):
-                r = _vec_apply(self, node, a, b, lambda x, y, s=sym: _cmp(self, node, x, s, y))
-                result = r if result is True else _vec_apply(self, node, result, r, lambda x, y: x and y)
+                r = _vec_apply(self, node, a, b, lambda x, y, s=sym: self._cmp(node, x, s, y))
+                if trace is not None:
+                    trace.steps.append(Step(self._src(operands[i]), _shown(a), sym, self._src(operands[i + 1]),
+                                            _shown(b), _shown(r)))
+                result = r if result is None else _vec_apply(self, node, result, r, _and)
             else:
-                r = _cmp(self, node, a, sym, b)
-                trace.steps.append(Step(self._src(operands[i]), a, sym, self._src(operands[i + 1]), b, r))
-                result = r if result is True else (result and r)
+                r = self._cmp(node, a, sym, b)
+                if trace is not None:
+                    trace.steps.append(Step(self._src(operands[i]), _shown(a), sym, self._src(operands[i + 1]),
+                                            _shown(b), _shown(r)))
+                result = r if result is None else _and(result, r)
         return result
+
+    def _cmp(self, node, a, sym: str, b) -> Truth:
+        if isinstance(b, (Count, Pick)) and not isinstance(a, (Count, Pick)):
+            a, b, sym = b, a, _FLIP[sym]
+        if isinstance(a, Pick):
+            return self._cmp_pick(node, a, sym, b)
+        if isinstance(a, Count) and not isinstance(b, Count):
+            return _cmp_count(a, sym, self._num(node, b))
+        if isinstance(a, (str, Truth)) or isinstance(b, (str, Truth)) or a is None or b is None:
+            if sym not in ("==", "!="):
+                raise self._err(node, f"cannot order {_kind(a)} and {_kind(b)}")
+            if isinstance(a, Truth) and isinstance(b, Truth):
+                same = a.value == b.value
+            elif isinstance(a, (np.ndarray, int, float, Count)) or isinstance(b, (np.ndarray, int, float, Count)):
+                same = np.asarray(False)  # a number is never equal to a name
+            else:
+                same = np.asarray(norm(a) == norm(b))
+            t = _truth(same, np.where(same, math.inf, -math.inf))
+            return t if sym == "==" else Truth(~t.value, -t.margin)
+        d = np.asarray(self._num(node, a) - self._num(node, b), float)
+        value, margin = {">": (d > EPS, d), ">=": (d >= -EPS, d), "<": (d < -EPS, -d), "<=": (d <= EPS, -d),
+                         "==": (np.abs(d) <= EPS, -np.abs(d)), "!=": (np.abs(d) > EPS, np.abs(d))}[sym]
+        return _truth(value, margin)
+
+    def _cmp_pick(self, node, p: Pick, sym: str, name) -> Truth:
+        if sym not in ("==", "!="):
+            raise self._err(node, f"cannot order {_kind(p)} and {_kind(name)}")
+        idx = next((i for i, k in enumerate(p.keys) if norm(k) == norm(name)
+                    or (isinstance(k, (int, float)) and not isinstance(name, str) and k == name)), None)
+        B = p.matrix.shape[0]
+        if idx is None:
+            t = _truth(np.zeros(B, bool), np.full(B, -math.inf))
+        else:
+            chosen = p.matrix.argmax(1) if p.kind == "argmax" else p.matrix.argmin(1)
+            others = np.delete(p.matrix, idx, axis=1)
+            if others.shape[1] == 0:
+                gap = np.full(B, math.inf)
+            elif p.kind == "argmax":
+                gap = p.matrix[:, idx] - others.max(1)
+            else:
+                gap = others.min(1) - p.matrix[:, idx]
+            t = _truth(chosen == idx, gap)
+        return t if sym == "==" else Truth(~t.value, -t.margin)
 
     def _call(self, node: ast.Call, res, trace):
         sel = self._sel_of.get(id(node))
@@ -306,36 +486,50 @@ class Expression:
         fn = node.func.id
         args = [self._eval(a, res, trace) for a in node.args]
         if fn == "hm":
-            return self._arith(node, args[0], args[1],
-                               lambda a, b: 0.0 if a + b == 0 else 2 * a * b / (a + b))
+            return self._arith(node, args[0], args[1], _hm)
         if fn == "abs":
-            return self._arith(node, args[0], 0.0, lambda a, _: abs(a))
+            return self._arith(node, args[0], 0.0, lambda a, _: np.abs(a))
         if fn in ("min", "max"):
-            pick = min if fn == "min" else max
-            if len(args) == 1 and isinstance(args[0], Vec):
-                return pick(self._num(node, v) for v in self._values(node, args[0]))
-            return pick(self._num(node, a) for a in args)
+            pick = np.minimum.reduce if fn == "min" else np.maximum.reduce
+            nums = ([self._num(node, v) for v in self._values(node, args[0])]
+                    if len(args) == 1 and isinstance(args[0], Vec) else [self._num(node, a) for a in args])
+            return pick(np.broadcast_arrays(*[np.asarray(x, float) for x in nums]))
         if fn == "mean":  # mean of a vector
             v = self._vec(node, args[0])
-            return math.fsum(self._num(node, x) for x in self._values(node, v)) / len(v.values)
+            nums = np.broadcast_arrays(*[np.asarray(self._num(node, x), float) for x in self._values(node, v)])
+            return np.mean(nums, axis=0)
         v = self._vec(node, args[0])
         vals = self._values(node, v)
         if fn in ("count", "all", "any", "frac"):
             if not v.is_bool():
                 raise self._err(node, f"{fn}() needs a comparison between vectors, e.g. {fn}(per(...) > per(...))")
-            return {"count": lambda: sum(vals), "all": lambda: all(vals), "any": lambda: any(vals),
-                    "frac": lambda: sum(vals) / len(vals)}[fn]()
+            truths = [x if isinstance(x, Truth) else _const_truth(x) for x in vals]
+            V = np.stack(np.broadcast_arrays(*[t.value for t in truths]), axis=1)
+            M = np.stack(np.broadcast_arrays(*[t.margin for t in truths]), axis=1)
+            if fn == "all":
+                out = Truth(V.all(1), M.min(1))
+            elif fn == "any":
+                out = Truth(V.any(1), M.max(1))
+            else:
+                out = Count(V.sum(1).astype(float), -np.sort(-M, axis=1), 1.0 if fn == "count" else 1.0 / V.shape[1])
+            if trace is not None:
+                trace.steps.append(Step(f"{fn}(…)", _shown(v), "→", "", None, _shown(out), kind="reduce"))
+            return out
         if fn == "n":
-            return len(vals)
+            return float(len(vals))
+        nums = np.stack(np.broadcast_arrays(*[np.asarray(self._num(node, x), float) for x in vals]), axis=1)
         if fn in ("argmax", "argmin"):
-            nums = {k: self._num(node, x) for k, x in v.values.items()}
-            best = (max if fn == "argmax" else min)(nums.values())
-            return next(k for k, x in nums.items() if x == best)  # first in key order on ties
-        if fn in ("increasing", "nondecreasing"):
-            nums = [self._num(node, x) for x in vals]
-            strict = fn == "increasing"
-            return all((b > a + EPS) if strict else (b >= a - EPS) for a, b in zip(nums, nums[1:]))
-        raise self._err(node, f"unknown function '{fn}'")
+            out = Pick(fn, list(v.values), nums)
+        else:  # increasing / nondecreasing
+            steps = np.diff(nums, axis=1)
+            if steps.shape[1] == 0:
+                out = _truth(np.ones(nums.shape[0], bool), np.full(nums.shape[0], math.inf))
+            else:
+                ok = (steps > EPS) if fn == "increasing" else (steps >= -EPS)
+                out = Truth(ok.all(1), steps.min(1))
+        if trace is not None:
+            trace.steps.append(Step(f"{fn}(…)", _shown(v), "→", "", None, _shown(out), kind="reduce"))
+        return out
 
     def _vec(self, node, v) -> Vec:
         if not isinstance(v, Vec):
@@ -348,26 +542,103 @@ class Expression:
         return list(v.values.values())
 
 
+def _names_metric(node: ast.Call) -> bool:
+    first = node.args[0] if node.args else None
+    return isinstance(first, ast.Name) or (isinstance(first, ast.Constant) and isinstance(first.value, str))
+
+
+def _constant_value(node) -> float | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _constant_value(node.operand)
+        return None if v is None else (-v if isinstance(node.op, ast.USub) else v)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div, ast.Add, ast.Sub)):
+        a, b = _constant_value(node.left), _constant_value(node.right)
+        if a is not None and b is not None:
+            return {ast.Mult: a * b, ast.Div: a / b if b else math.inf, ast.Add: a + b, ast.Sub: a - b}[type(node.op)]
+    return None
+
+
+def _divide(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.divide(a, b)
+    if np.any(np.asarray(b) == 0):
+        raise ZeroDivisionError("division by zero in a claim check")
+    return out
+
+
+def _hm(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(a + b == 0, 0.0, 2 * a * b / np.where(a + b == 0, 1.0, a + b))
+
+
+def _and(x: Truth, y: Truth) -> Truth:
+    return Truth(np.logical_and(x.value, y.value), np.minimum(x.margin, y.margin))
+
+
+def _cmp_count(c: Count, sym: str, threshold) -> Truth:
+    """count(v) OP t, with the margin of the element that decides it (see the module docstring)."""
+    t = np.asarray(threshold, float) / c.scale
+    if t.size > 1:
+        t = t[0]  # a threshold is a constant; broadcast replicates carry the same value
+    t = float(t)
+    n = c.margins.shape[1]
+
+    def at_least(k: int) -> Truth:           # count >= k
+        if k <= 0:
+            return _truth(np.ones(len(c.values), bool), np.full(len(c.values), math.inf))
+        if k > n:
+            return _truth(np.zeros(len(c.values), bool), np.full(len(c.values), -math.inf))
+        return Truth(c.values >= k, c.margins[:, k - 1])
+
+    def neg(x: Truth) -> Truth:
+        return Truth(~x.value, -x.margin)
+
+    ge = at_least(math.ceil(t - EPS))
+    gt = at_least(math.floor(t + EPS) + 1)
+    return {">=": ge, ">": gt, "<": neg(ge), "<=": neg(gt),
+            "==": _and(ge, neg(gt)), "!=": neg(_and(ge, neg(gt)))}[sym]
+
+
+def _point(resolver: Callable[[Selection], Any]) -> Callable[[Selection], Any]:
+    """Wrap a float resolver so every number is a 1-element array (one replicate)."""
+    def res(sel: Selection):
+        v = resolver(sel)
+        if isinstance(v, Vec):
+            return Vec(v.by, {k: np.atleast_1d(np.asarray(x, float)) for k, x in v.values.items()})
+        return np.atleast_1d(np.asarray(v, float))
+    return res
+
+
+def _shown(v) -> Any:
+    """A value as the trace shows it (first replicate): numbers, bools, or dicts of those."""
+    if isinstance(v, Vec):
+        return {k: _shown(x) for k, x in v.values.items()}
+    if isinstance(v, Truth):
+        return bool(v.value[0])
+    if isinstance(v, Count):
+        return float(v.number[0]) if v.scale != 1.0 else int(v.values[0])
+    if isinstance(v, Pick):
+        return v.chosen()[0]
+    if isinstance(v, np.ndarray):
+        return float(v.reshape(-1)[0])
+    return v
+
+
 def _kind(v) -> str:
     if isinstance(v, Vec):
         return f"a vector over {v.by}"
-    if isinstance(v, bool):
+    if isinstance(v, (bool, Truth)):
         return "true/false"
     if isinstance(v, str):
         return f"the name '{v}'"
-    return "a number" if isinstance(v, (int, float)) else type(v).__name__
-
-
-def _cmp(expr: Expression, node, a, sym: str, b) -> bool:
-    if isinstance(a, str) or isinstance(b, str) or a is None or b is None:
-        if sym not in ("==", "!="):
-            raise expr._err(node, f"cannot order {_kind(a)} and {_kind(b)}")
-        from .records import norm
-        same = norm(a) == norm(b) if not (isinstance(a, (int, float)) and isinstance(b, (int, float))) else a == b
-        return same if sym == "==" else not same
-    x, y = expr._num(node, a), expr._num(node, b)
-    return {">": x > y + EPS, ">=": x >= y - EPS, "<": x < y - EPS, "<=": x <= y + EPS,
-            "==": abs(x - y) <= EPS, "!=": abs(x - y) > EPS}[sym]
+    if isinstance(v, Pick):
+        return f"the name chosen by {v.kind}()"
+    if isinstance(v, (int, float, np.ndarray, Count)):
+        return "a number"
+    return type(v).__name__
 
 
 def _vec_apply(expr: Expression, node, a, b, fn) -> Vec:

@@ -33,15 +33,28 @@ Schema (unknown keys are errors, so typos cannot silently drop a number)::
     claims:
       - id: beats_zeroshot_16
         text: "CoOp with 16 shots beats hand-crafted zero-shot prompts by ~15 points on average"
-        ref: Abstract                     # optional: where the paper says it
+        source: paper                     # paper (stated in the paper or its official README; needs ref) |
+                                          # hypothesis (read from a figure, a card or a secondary source,
+                                          # unverified) | project (a protocol check of ours)
+        ref: Abstract                     # where the paper says it (required for source: paper)
         protocol: fewshot                 # protocol the check needs (default filter of every selection)
         check: mean(top1, method=coop, shots=16) > mean(top1, method=zeroshot_clip, protocol=zeroshot)
         profiles: [embedded, real]        # optional (default both): where the claim is judged
         backbone: ViT-B/16                # optional: overrides the paper's backbone for this claim
+        requires: [other_claim_id]        # optional premises: if one is not reproduced, this claim's
+                                          # verdict is "premise not met"
+        scale_free: "..."                 # only where an embedded check keeps a threshold > 2 points:
+                                          # why that number does not depend on the model's scale
       - id: cost
         text: ...
+        source: paper
+        ref: Sec. 4
         protocol: fewshot
         untestable: "a wall-clock claim: no numeric check over accuracy records"   # instead of check
+
+Absolute magnitudes (a threshold or offset of more than 2 points on an accuracy term: ``a - b >= 14``)
+are the paper's numbers on real CLIP: such a check must be judged on the real profile only
+(``profiles: [real]``), with its relative form (sign, order) as a separate embedded claim.
     deviations:                        # optional: differences from the official code
       - "Context length 20 instead of 77 on the embedded tiny CLIPs"
       - {what: "...", why: "..."}
@@ -66,7 +79,9 @@ REQUIRED_TOP = ("slug", "title", "authors", "venue", "year", "arxiv", "official_
 ROW_KEYS = {"protocol", "dataset", "backbone", "shots", "method", "variant", "metric", "value", "table",
             "verified", "note", "source", "values"}
 ROW_REQUIRED = ("protocol", "backbone", "method", "metric", "table")
-CLAIM_KEYS = {"id", "text", "protocol", "check", "untestable", "profiles", "backbone", "ref"}
+CLAIM_KEYS = {"id", "text", "protocol", "check", "untestable", "profiles", "backbone", "ref", "source", "requires",
+              "scale_free"}
+SOURCES = ("paper", "hypothesis", "project")
 DEFAULT_KEYS = {"variant", "backbone", "shots", "protocol", "source", "paper"}
 
 
@@ -100,6 +115,9 @@ class Claim:
     profiles: tuple[str, ...] = PROFILES
     backbone: str | None = None
     ref: str | None = None
+    source: str = "paper"
+    requires: tuple[str, ...] = ()
+    scale_free: str | None = None
 
 
 @dataclass
@@ -141,6 +159,20 @@ class Paper:
             if norm(m) not in {norm(x) for x in out}:
                 out.append(m)
         return out
+
+    def ordered_claims(self) -> list[Claim]:
+        """Claims with every premise before the claims that require it (the schema forbids cycles)."""
+        by_id = {c.id: c for c in self.claims}
+        done: dict[str, Claim] = {}
+
+        def visit(c: Claim) -> None:
+            if c.id not in done:
+                for p in c.requires:
+                    visit(by_id[p])
+                done[c.id] = c
+        for c in self.claims:
+            visit(c)
+        return list(done.values())
 
     @property
     def arxiv_url(self) -> str | None:
@@ -228,6 +260,7 @@ def parse_paper(data: Any, where: str = "paper.yaml", folder: str | None = None,
             fail(f"claims[{i}]: duplicate id '{claim.id}'")
         ids.add(claim.id)
         claims.append(claim)
+    _check_premises(claims, fail)
 
     deviations = []
     for i, d in enumerate(data.get("deviations") or []):
@@ -251,6 +284,28 @@ def parse_paper(data: Any, where: str = "paper.yaml", folder: str | None = None,
                  backbone=data.get("backbone"), embedded_backbone=data.get("embedded_backbone"),
                  defaults=defaults, compare=list(compare), deviations=deviations, figures=figures,
                  path=path)
+
+
+def _check_premises(claims: list[Claim], fail) -> None:
+    """`requires` names existing claims and forms no cycle."""
+    by_id = {c.id: c for c in claims}
+    for c in claims:
+        unknown = [p for p in c.requires if p not in by_id]
+        if unknown:
+            fail(f"claims ({c.id}): requires unknown claim id(s) {unknown} (ids: {', '.join(by_id)})")
+    state: dict[str, int] = {}
+
+    def visit(cid: str, path: list[str]) -> None:
+        if state.get(cid) == 2:
+            return
+        if state.get(cid) == 1:
+            fail(f"claims ({cid}): requires forms a cycle: {' -> '.join(path + [cid])}")
+        state[cid] = 1
+        for p in by_id[cid].requires:
+            visit(p, path + [cid])
+        state[cid] = 2
+    for c in claims:
+        visit(c.id, [])
 
 
 def _keys(d: dict, allowed: set, required: tuple, what: str, fail) -> None:
@@ -308,7 +363,7 @@ def _parse_claim(c: Any, i: int, fail, where: str) -> Claim:
     if not isinstance(c, dict):
         fail(f"claims[{i}] must be a mapping")
     what = f"claims[{i}]" + (f" ({c['id']})" if "id" in c else "")
-    _keys(c, CLAIM_KEYS, ("id", "text", "protocol"), what, fail)
+    _keys(c, CLAIM_KEYS, ("id", "text", "protocol", "source"), what, fail)
     cid = str(c["id"])
     if not re.fullmatch(r"[a-z0-9_]+", cid):
         fail(f"{what}: id must be lower-case letters, digits and _")
@@ -321,6 +376,22 @@ def _parse_claim(c: Any, i: int, fail, where: str) -> Claim:
         profiles = [profiles]
     if not isinstance(profiles, list) or not profiles or any(p not in PROFILES for p in profiles):
         fail(f"{what}: profiles must be a list out of {list(PROFILES)}")
+    source = c["source"]
+    if source not in SOURCES:
+        fail(f"{what}: source must be one of {', '.join(SOURCES)} (paper: stated in the paper or its official "
+             f"README, with ref; hypothesis: read from a figure, a card or a secondary source; project: a "
+             f"protocol check of ours), got {source!r}")
+    ref = c.get("ref")
+    if source == "paper" and not (isinstance(ref, str) and ref.strip()):
+        fail(f"{what}: source: paper needs ref (where the paper or its README says it)")
+    requires = c.get("requires") or []
+    if isinstance(requires, str):
+        requires = [requires]
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires) or cid in requires:
+        fail(f"{what}: requires must be a list of other claim ids")
+    scale_free = c.get("scale_free")
+    if scale_free is not None and not (isinstance(scale_free, str) and scale_free.strip()):
+        fail(f"{what}: scale_free must say why the threshold does not depend on the model's scale")
     check = None
     if "check" in c:
         if not isinstance(c["check"], str) or not c["check"].strip():
@@ -329,6 +400,12 @@ def _parse_claim(c: Any, i: int, fail, where: str) -> Claim:
             check = Expression(c["check"], where=f"{where}: {what}.check")
         except ExpressionError as e:
             raise PaperSpecError(str(e)) from None
+        sizes = check.point_thresholds()
+        if sizes and "embedded" in profiles and not scale_free:
+            fail(f"{what}: threshold {', '.join(f'{x:g}' for x in sizes)} points is an absolute magnitude: judge "
+                 f"it on the real profile only (profiles: [real]) and give the embedded profile its relative "
+                 f"form as its own claim, or say why it is scale-free (scale_free: ...)")
     return Claim(id=cid, text=_str(c["text"], "text", fail), protocol=c["protocol"], check=check,
                  untestable=str(c["untestable"]).strip() if "untestable" in c else None,
-                 profiles=tuple(profiles), backbone=c.get("backbone"), ref=c.get("ref"))
+                 profiles=tuple(profiles), backbone=c.get("backbone"), ref=ref, source=source,
+                 requires=tuple(requires), scale_free=scale_free.strip() if scale_free else None)

@@ -63,7 +63,7 @@ def test_real_profile_numbers_beside_the_paper(tmp_path):
         "official_repo": None, "backbone": "RN50",
         "reported": [{"protocol": "fewshot", "method": "linear_probe", "backbone": "RN50", "shots": 16,
                       "metric": "top1", "table": "Table 9", "values": {"EMB-Objects": 50.0, "Nowhere": 1.0}}],
-        "claims": [{"id": "lp", "text": "t", "protocol": "fewshot",
+        "claims": [{"id": "lp", "text": "t", "protocol": "fewshot", "source": "project",
                     "check": "mean(top1, method=linear_probe, shots=16) > mean(top1, method=linear_probe, shots=1)"}],
         "deviations": [{"what": "smaller batch", "why": "memory"}]}))
     runs = world(tmp_path / "runs", profile="real", backbone="RN50")

@@ -18,6 +18,7 @@ MINIMAL = {
                   "table": "Table 1", "dataset": "ImageNet", "value": 67.88, "verified": False,
                   "note": "copied from a follow-up paper"}],
     "claims": [{"id": "novel_gain", "text": "CoCoOp beats CoOp on novel classes", "protocol": "base2novel",
+                "source": "paper", "ref": "Table 1",
                 "check": "mean(novel, method=cocoop) > mean(novel, method=coop)"}],
 }
 

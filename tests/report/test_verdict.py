@@ -7,7 +7,8 @@ import pytest
 from common.engine.runs import load_records
 from common.report.records import harmonic
 from common.report.schema import load_paper, parse_paper
-from common.report.verdict import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, evaluate_claim, evaluate_paper
+from common.report.verdict import (INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTABLE, PREMISE_NOT_MET, REPRODUCED,
+                                   evaluate_claim, evaluate_paper)
 from tests.report.builders import rec, world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,7 +17,8 @@ BASE = {"slug": "demo", "title": "T", "authors": ["A"], "venue": "V", "year": 20
 
 
 def paper(*checks, protocol="fewshot", **extra):
-    claims = [{"id": f"c{i}", "text": "t", "protocol": protocol, "check": c} for i, c in enumerate(checks)]
+    claims = [{"id": f"c{i}", "text": "t", "protocol": protocol, "check": c, "source": "project",
+               **({"scale_free": "a test of the engine"} if i == 0 else {})} for i, c in enumerate(checks)]
     return parse_paper({**copy.deepcopy(BASE), "claims": claims, **extra})
 
 
@@ -25,21 +27,24 @@ def verdict(root, check, protocol="fewshot", profile="embedded", **extra):
     return evaluate_claim(p.claims[0], p, load_records(root), profile)
 
 
-def test_seeds_are_averaged_before_datasets(tmp_path):
-    # dataset a: seeds 10, 20, 30 (mean 20); dataset b: one seed 60. Seed-first mean = 40, flat mean = 30.
+def test_terms_are_compared_on_the_seeds_they_all_ran(tmp_path):
+    # m ran seeds 1-3 on both datasets, b only seed 1: the matched grid compares seed 1 alone
     for s, v in zip((1, 2, 3), (10.0, 20.0, 30.0)):
         rec(tmp_path, "m", "a", {"top1": v}, shots=16, seed=s)
-    rec(tmp_path, "m", "b", {"top1": 60.0}, shots=16, seed=1)
-    rec(tmp_path, "z", "a", {"top1": 39.0}, protocol="zeroshot", seed=0)
-    rec(tmp_path, "z", "b", {"top1": 41.0}, protocol="zeroshot", seed=0)
-    v = verdict(tmp_path, "mean(top1, method=m, shots=16) > mean(top1, method=z, protocol=zeroshot) - 0.0")
-    assert v.status == NOT_REPRODUCED        # 40 > 40 is false
-    assert [t.value for t in v.terms] == [40.0, 40.0]
-    assert v.terms[0].seeds == {"a": [1, 2, 3], "b": [1]}
-    assert any("fewer seeds on b (1 of 3)" in n for n in v.notes)
-    v = verdict(tmp_path, "mean(top1, method=m, shots=16) >= mean(top1, method=z, protocol=zeroshot)")
-    assert v.status == REPRODUCED
-    assert v.steps[0].left_value == 40.0 and v.steps[0].right_value == 40.0
+        rec(tmp_path, "m", "b", {"top1": v + 40}, shots=16, seed=s)
+    rec(tmp_path, "n", "a", {"top1": 5.0}, shots=16, seed=1)
+    rec(tmp_path, "n", "b", {"top1": 45.0}, shots=16, seed=1)
+    v = verdict(tmp_path, "mean(top1, method=m, shots=16) > mean(top1, method=n, shots=16)")
+    assert v.seeds == [1] and [t.value for t in v.terms] == [30.0, 25.0]     # seed 1 only: (10 + 50) / 2
+    assert v.terms[0].seeds == {"a": [1], "b": [1]}
+    assert any("also ran seed(s) 2, 3" in n for n in v.notes)
+    assert v.holds and v.status == REPRODUCED                                # +5 on both datasets
+    # with every term on seeds 1-3 the seed means are averaged first, then the datasets
+    for s in (2, 3):
+        rec(tmp_path, "n", "a", {"top1": 5.0}, shots=16, seed=s)
+        rec(tmp_path, "n", "b", {"top1": 45.0}, shots=16, seed=s)
+    v = verdict(tmp_path, "mean(top1, method=m, shots=16) > mean(top1, method=n, shots=16)")
+    assert v.seeds == [1, 2, 3] and [t.value for t in v.terms] == [40.0, 25.0]
 
 
 def test_only_datasets_present_for_all_terms_are_compared(tmp_path):
@@ -54,10 +59,97 @@ def test_only_datasets_present_for_all_terms_are_compared(tmp_path):
     assert [t.value for t in v.terms] == [60.0, 50.0]
 
 
+def test_terms_at_different_shot_counts_need_pinned_shots(tmp_path):
+    for s in (1, 2, 3):
+        rec(tmp_path, "a", "x", {"top1": 60.0 + s}, shots=16, seed=s)
+        rec(tmp_path, "b", "x", {"top1": 50.0 + s}, shots=8, seed=s)
+    v = verdict(tmp_path, "mean(top1, method=a) > mean(top1, method=b)")
+    assert v.status == NOT_TESTABLE and "different shot counts" in v.reason and "at 8 shots" in v.reason
+    v = verdict(tmp_path, "mean(top1, method=a, shots=16) > mean(top1, method=b, shots=8)")
+    assert v.status == REPRODUCED and v.shots == [8, 16]
+
+
+def test_a_difference_inside_seed_noise_is_inconclusive(tmp_path):
+    # a beats b on average (+0.5) but b wins on seed 2: a paired resample does not exclude the opposite sign
+    for s, (a, b) in enumerate([(52.0, 50.0), (49.0, 50.5), (51.0, 50.0)], start=1):
+        rec(tmp_path, "a", "x", {"top1": a}, shots=16, seed=s)
+        rec(tmp_path, "b", "x", {"top1": b}, shots=16, seed=s)
+    v = verdict(tmp_path, "mean(top1, method=a, shots=16) > mean(top1, method=b, shots=16)")
+    assert v.holds and v.status == INCONCLUSIVE
+    assert v.noise.low < 0 < v.noise.high and v.noise.margin == pytest.approx(0.5)
+    assert v.noise.per_seed == {1: True, 2: False, 3: True} and v.noise.stability == "fragile"
+    assert "inside run-to-run noise" in v.reason and "95% interval" in v.reason
+    # the same +0.5 on every seed is beyond noise; a loss on every seed is "not reproduced"
+    v = verdict(tmp_path, "mean(top1, method=a, shots=16) > mean(top1, method=b, shots=16) + 3")
+    assert not v.holds and v.status == NOT_REPRODUCED and v.noise.high < 0
+    steady = tmp_path / "steady"
+    for s in (1, 2, 3):
+        rec(steady, "a", "x", {"top1": 50.5 + s}, shots=16, seed=s)
+        rec(steady, "b", "x", {"top1": 50.0 + s}, shots=16, seed=s)
+    v = verdict(steady, "mean(top1, method=a, shots=16) > mean(top1, method=b, shots=16)")
+    assert v.status == REPRODUCED and v.noise.stability == "stable" and v.noise.low == pytest.approx(0.5)
+
+
+def test_one_seed_on_one_dataset_is_inconclusive(tmp_path):
+    rec(tmp_path, "a", "x", {"top1": 70.0}, shots=16, seed=1)
+    rec(tmp_path, "b", "x", {"top1": 50.0}, shots=16, seed=1)
+    v = verdict(tmp_path, "mean(top1, method=a, shots=16) > mean(top1, method=b, shots=16)")
+    assert v.holds and v.status == INCONCLUSIVE and "noise is unknown" in v.reason
+    # untrained (zero-shot) terms are deterministic: one record decides
+    rec(tmp_path, "z", "x", {"top1": 40.0}, protocol="zeroshot", seed=0)
+    rec(tmp_path, "y", "x", {"top1": 30.0}, protocol="zeroshot", seed=0)
+    v = verdict(tmp_path, "mean(top1, method=z) > mean(top1, method=y)", protocol="zeroshot")
+    assert v.status == REPRODUCED and v.noise.stability == "deterministic"
+
+
+def test_near_chance_datasets_decide_nothing(tmp_path):
+    # zero-shot on 'hard' (10 classes) is 15% < 2 x chance: the dataset is left out of the grid
+    for ds, zs in (("easy", 60.0), ("hard", 15.0)):
+        rec(tmp_path, "zeroshot_clip", ds, {"top1": zs}, protocol="zeroshot", seed=0, n_classes=10)
+        for s in (1, 2, 3):
+            rec(tmp_path, "a", ds, {"top1": 70.0 + s}, shots=16, seed=s)
+            rec(tmp_path, "b", ds, {"top1": 60.0 + s if ds == "easy" else 90.0}, shots=16, seed=s)
+    v = verdict(tmp_path, "all(per(top1, method=a, shots=16) > per(top1, method=b, shots=16))")
+    assert v.status == REPRODUCED and v.datasets == {"": ["easy"]}
+    assert v.near_chance == {"hard": "zero-shot 15.0% < 2 x chance 10.0%"}
+    v = verdict(tmp_path, "mean(top1, method=a, shots=16, dataset=hard) > mean(top1, method=b, shots=16, dataset=hard)")
+    assert v.status == INCONCLUSIVE and "near chance" in v.reason
+
+
+def test_premise_not_met(tmp_path):
+    # the claim's own check holds, but its premise (fine-tuning raises the reference accuracy) does not
+    for s in (1, 2, 3):
+        rec(tmp_path, "ft", "x", {"top1": 40.0 + s}, shots=16, seed=s)
+        rec(tmp_path, "mix", "x", {"top1": 50.0 + s}, shots=16, seed=s)
+    rec(tmp_path, "zs", "x", {"top1": 45.0}, protocol="fewshot", shots=16, seed=1)
+    p = parse_paper({**copy.deepcopy(BASE), "claims": [
+        {"id": "ft_helps", "text": "t", "protocol": "fewshot", "source": "project",
+         "check": "mean(top1, method=ft, shots=16) > mean(top1, method=zs, shots=16)"},
+        {"id": "mix_keeps", "text": "t", "protocol": "fewshot", "source": "project", "requires": ["ft_helps"],
+         "check": "mean(top1, method=mix, shots=16) >= mean(top1, method=ft, shots=16)"}]})
+    first, second = evaluate_paper(p, load_records(tmp_path), "embedded")
+    assert first.status == INCONCLUSIVE or first.status == NOT_REPRODUCED
+    assert second.status == PREMISE_NOT_MET and second.check_status == REPRODUCED
+    assert second.premises == {"ft_helps": first.status} and "`ft_helps` is" in second.reason
+
+
+def test_decided_by_shows_vector_steps(tmp_path):
+    world(tmp_path)
+    v = verdict(tmp_path, "all(per(top1, method=coop, variant=m16, by=shots) > per(top1, method=linear_probe, "
+                          "by=shots) + 4.9) and argmax(per(top1, method=coop, variant=m16, by=shots)) == 16")
+    kinds = [(s.op, s.kind) for s in v.steps]
+    assert (">", "compare") in kinds and ("→", "reduce") in kinds
+    vec = next(s for s in v.steps if s.op == ">")
+    assert vec.left_value == {1: 35.0, 2: 39.0, 4: 43.0, 8: 47.0, 16: 63.0} and vec.result[16] is True
+    red = [s for s in v.steps if s.kind == "reduce"]
+    assert [s.left for s in red] == ["all(…)", "argmax(…)"] and red[1].result == 16
+
+
 def test_per_dataset_counts(tmp_path):
     for ds, a, b in (("d1", 50, 40), ("d2", 50, 55), ("d3", 70, 60), ("d4", 30, 29.5)):
-        rec(tmp_path, "a", ds, {"top1": a}, shots=16)
-        rec(tmp_path, "b", ds, {"top1": b}, shots=16)
+        for s in (1, 2, 3):     # the same numbers on every seed: no seed noise
+            rec(tmp_path, "a", ds, {"top1": a}, shots=16, seed=s)
+            rec(tmp_path, "b", ds, {"top1": b}, shots=16, seed=s)
     check = "count(per(top1, method=a, shots=16) > per(top1, method=b, shots=16) + 0.5) >= {}"
     assert verdict(tmp_path, check.format(2)).status == REPRODUCED     # d1, d3 (d4 only by 0.5: not > +0.5)
     assert verdict(tmp_path, check.format(3)).status == NOT_REPRODUCED
@@ -65,12 +157,13 @@ def test_per_dataset_counts(tmp_path):
     assert v.status == REPRODUCED and v.terms[0].value == {"d1": 50.0, "d2": 50.0, "d3": 70.0, "d4": 30.0}
 
 
-@pytest.mark.parametrize("tol, status", [(1.0, REPRODUCED), (0.99, NOT_REPRODUCED)])
-def test_tolerance_boundary(tmp_path, tol, status):
+@pytest.mark.parametrize("tol, holds", [(1.0, True), (0.99, False)])
+def test_tolerance_boundary(tmp_path, tol, holds):
     for s, (a, b) in enumerate([(70.2, 71.0), (69.8, 71.0)], start=1):   # a = 70.0, b = 71.0 on average
         rec(tmp_path, "a", "d", {"top1": a}, shots=16, seed=s)
         rec(tmp_path, "b", "d", {"top1": b}, shots=16, seed=s)
-    assert verdict(tmp_path, f"mean(top1, method=a, shots=16) >= mean(top1, method=b, shots=16) - {tol}").status == status
+    v = verdict(tmp_path, f"mean(top1, method=a, shots=16) >= mean(top1, method=b, shots=16) - {tol}")
+    assert v.holds is holds and v.status == INCONCLUSIVE    # exactly at the boundary: inside the seed noise
 
 
 def test_hm_is_the_harmonic_mean_of_averaged_base_and_novel(tmp_path):
@@ -119,9 +212,9 @@ def test_never_reproduced_when_a_needed_number_is_missing(tmp_path):
 def test_profile_restriction_and_untestable_claims(tmp_path):
     world(tmp_path)
     p = parse_paper({**copy.deepcopy(BASE), "claims": [
-        {"id": "abs", "text": "t", "protocol": "fewshot", "profiles": ["real"],
+        {"id": "abs", "text": "t", "protocol": "fewshot", "profiles": ["real"], "source": "project",
          "check": "mean(top1, method=linear_probe, shots=16) >= 73"},
-        {"id": "cost", "text": "t", "protocol": "fewshot", "untestable": "a wall-clock claim"}]})
+        {"id": "cost", "text": "t", "protocol": "fewshot", "untestable": "a wall-clock claim", "source": "project"}]})
     a, b = evaluate_paper(p, load_records(tmp_path), "embedded")
     assert (a.status, a.reason) == (NOT_TESTABLE, "judged on the real profile only")
     assert (b.status, b.reason) == (NOT_TESTABLE, "a wall-clock claim")
@@ -136,7 +229,8 @@ def test_backbone_stand_in_and_defaults(tmp_path):
     assert v.status == REPRODUCED and "variant=single" in v.terms[0].filters and v.terms[0].value == 50.0
     v = verdict(tmp_path, "mean(top1, method=zeroshot_clip, protocol=zeroshot, variant=ensemble, backbone='tiny-vit') == 52",
                 defaults={"zeroshot_clip": {"variant": "single"}})
-    assert v.status == REPRODUCED                     # a selection's own filters win over the defaults
+    assert v.holds and v.terms[0].value == 52.0       # a selection's own filters win over the defaults
+    assert v.status == INCONCLUSIVE                   # an exact average is not robust to resampling the datasets
 
 
 def test_source_and_target_pools_are_intersected_separately(tmp_path):
@@ -154,7 +248,8 @@ def test_source_and_target_pools_are_intersected_separately(tmp_path):
 def test_pinned_datasets_and_shot_curves(tmp_path):
     world(tmp_path)
     v = verdict(tmp_path, "mean(top1, method=linear_probe, shots=16, dataset=[emb_scenes]) == 58")
-    assert v.status == REPRODUCED and v.terms[0].datasets == ["emb_scenes"]
+    assert v.holds and v.terms[0].datasets == ["emb_scenes"]
+    assert v.status == INCONCLUSIVE                         # seeds 57, 58, 59: 58 exactly is inside the noise
     v = verdict(tmp_path, "mean(top1, method=linear_probe, shots=16, dataset=emb_missing) > 0")
     assert v.status == NOT_TESTABLE and "emb_missing" in v.reason
     v = verdict(tmp_path, "increasing(per(top1, method=linear_probe, by=shots))")
@@ -195,10 +290,11 @@ def test_baseline_claims_on_a_hand_made_world(tmp_path, slug, expected):
 
 def test_dataset_list_keeps_the_judged_profiles_world(tmp_path):
     # one check names the embedded stand-in and the real set; each profile judges on its own world's names
-    rec(tmp_path, "a", "emb_satellite", {"top1": 60.0}, shots=1)
-    rec(tmp_path, "b", "emb_satellite", {"top1": 50.0}, shots=1)
-    rec(tmp_path, "a", "eurosat", {"top1": 40.0}, shots=1, profile="real", backbone="RN50")
-    rec(tmp_path, "b", "eurosat", {"top1": 45.0}, shots=1, profile="real", backbone="RN50")
+    for s in (1, 2):
+        rec(tmp_path, "a", "emb_satellite", {"top1": 60.0}, shots=1, seed=s)
+        rec(tmp_path, "b", "emb_satellite", {"top1": 50.0}, shots=1, seed=s)
+        rec(tmp_path, "a", "eurosat", {"top1": 40.0}, shots=1, profile="real", backbone="RN50", seed=s)
+        rec(tmp_path, "b", "eurosat", {"top1": 45.0}, shots=1, profile="real", backbone="RN50", seed=s)
     check = "mean(top1, method=a, shots=1, dataset=[emb_satellite, eurosat]) > mean(top1, method=b, shots=1, dataset=[emb_satellite, eurosat])"
     v = verdict(tmp_path, check)
     assert v.status == REPRODUCED and [t.value for t in v.terms] == [60.0, 50.0]
