@@ -6,6 +6,12 @@ single seed is arbitrary). So that one incomplete run does not shrink everybody'
 set of cells more than half of the methods ran, and a method missing part of it is listed under the table
 (with what it lacks) instead of in it.
 
+Rows never ranked: runs whose setting was chosen on the test split (record field ``selected_on: test``, e.g.
+CALIP's official ``test_oracle`` search) are listed under their table, not in it. Hyperparameter sweeps
+(records with a ``sweep`` field: WiSE-FT's alphas, CLIP-Adapter's ratios, TaskRes's alphas) collapse to the
+method's default setting (``sweep.default: true``) and its validation-chosen one (``selected_on: val``); every
+setting is in ``leaderboard_sweeps.md``, linked from the main page.
+
 Also written: ``leaderboard.json`` (flat ``protocol/backbone/method/column -> value``, for ``dvc metrics``),
 ``plots/fewshot.json`` (average few-shot curve per method, zero-shot at shots 0, for ``dvc plots``) and PNG figures.
 """
@@ -143,11 +149,26 @@ def _lacks(cells: list) -> str:
     return ", ".join(shown) + (f" and {len(cells) - 3} more" if len(cells) > 3 else "")
 
 
+def selected_on_test(rec: dict) -> bool:
+    return str(rec.get("selected_on") or "").lower() == "test"
+
+
+def swept_away(rec: dict) -> bool:
+    """A sweep setting that is neither the method's default nor chosen on validation data."""
+    sweep = rec.get("sweep")
+    return bool(sweep) and not sweep.get("default") and str(rec.get("selected_on") or "").lower() != "val"
+
+
 class Leaderboard:
-    def __init__(self, records: Sequence[dict], profile: str = "embedded"):
+    def __init__(self, records: Sequence[dict], profile: str = "embedded", collapse_sweeps: bool = True):
         self.profile = profile
         recs, self.dup_notes = dedupe([r for r in records if r["profile"] == profile])
-        self.records = recs
+        self.swept = sorted({_entry_label(r) for r in recs if swept_away(r)}) if collapse_sweeps else []
+        if collapse_sweeps:
+            recs = [r for r in recs if not swept_away(r)]
+        self.oracle = [r for r in recs if selected_on_test(r)]
+        self.records = [r for r in recs if not selected_on_test(r)]
+        self.collapse_sweeps = collapse_sweeps
         self.metrics: dict[str, float] = {}
         self.fewshot_rows: list[dict] = []
         self.figure_specs: list[tuple] = []
@@ -162,6 +183,13 @@ class Leaderboard:
                "shrinking it. Rows are sorted by the last column."]
         if self.profile == "embedded":
             out += ["", "> " + EMBEDDED_CAVEAT]
+        if self.swept:
+            out += ["", f"Hyperparameter sweeps are collapsed to each method's default and validation-chosen "
+                        f"settings; the {len(self.swept)} other settings ({', '.join(self.swept)}) are in "
+                        f"[leaderboard_sweeps.md](leaderboard_sweeps.md)."]
+        elif not self.collapse_sweeps:
+            out += ["", "Every setting of every hyperparameter sweep (the main leaderboard shows only the "
+                        "default and validation-chosen ones)."]
         if not self.records:
             return "\n".join(out + ["", f"No {self.profile}-profile run records yet."]) + "\n"
         for proto in PROTOCOLS:
@@ -205,6 +233,21 @@ class Leaderboard:
                f"Shared grid: {_describe(grid)}."]
         for e, lack in excluded.items():
             out.append(f"Not listed: {e.label()} (lacks {_lacks(lack)}).")
+        out += self._oracle_lines(proto, bb, metric, grid)
+        return out
+
+    def _oracle_lines(self, proto: str, bb: str, metric: str, grid: set) -> list[str]:
+        """Runs tuned on the test split: shown with their value on the same grid, never ranked."""
+        recs = [r for r in self.oracle if r["protocol"] == proto and r["backbone"] == bb]
+        out = []
+        for e, runs in sorted(_cells(recs, proto, "base" if proto == "base2novel" else metric).items()):
+            cov = coverage({e: runs})[e]
+            mine = {c for c in grid if any(c[0] == d and c[1] == k for d, k, _ in cov)}
+            if not mine:
+                continue
+            m, _ = _avg(runs, {(d, k, s) for d, k, s in cov if (d, k) in {(c[0], c[1]) for c in mine}},
+                        "base" if proto == "base2novel" else metric)
+            out.append(f"Not ranked (setting chosen on the test split): {e.label()} {fmt_pm(m, None)}.")
         return out
 
     def _put(self, proto: str, bb: str, e: Entry, col: str, value: float) -> None:
@@ -310,15 +353,27 @@ class Leaderboard:
         return made
 
 
+def _entry_label(rec: dict) -> str:
+    return rec["method"] + (f" ({rec['variant']})" if rec.get("variant") else "")
+
+
 def write_leaderboard(runs_root: Path | str | None = None, out_dir: Path | str = "reports",
                       profile: str = "embedded") -> dict[str, Path]:
-    """Write leaderboard.md, leaderboard.json, plots/fewshot.json and leaderboard_*.png under ``out_dir``."""
+    """Write leaderboard.md (+ leaderboard_sweeps.md), leaderboard.json, plots/fewshot.json and
+    leaderboard_*.png under ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in sorted(out_dir.glob("leaderboard_*.png")):
         old.unlink()
-    lb = Leaderboard(load_records(runs_root), profile)
+    records = load_records(runs_root)
+    lb = Leaderboard(records, profile)
     text = lb.build()
+    sweeps = out_dir / "leaderboard_sweeps.md"
+    if lb.swept:
+        full = Leaderboard(records, profile, collapse_sweeps=False)
+        sweeps.write_text(full.build().replace("# Leaderboard (", "# Leaderboard with every sweep setting (", 1))
+    else:
+        sweeps.unlink(missing_ok=True)
     figs = lb.write_figures(out_dir)
     if figs:
         text += "\n## Figures\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figs) + "\n"

@@ -11,9 +11,13 @@ from .records import PROFILES, PROTOCOLS, norm
 from .schema import Paper, Reported, load_paper
 from .tables import (TRANSFER, Group, fmt, fmt_pm, group_records, md_table, method_rank, metric_title,
                      metrics_for, render_table, series_table)
-from .verdict import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Verdict, evaluate_paper
+from .schema import SOURCES
+from .verdict import (INCONCLUSIVE, LEVEL, NEAR_CHANCE, NOT_REPRODUCED, NOT_TESTABLE, PREMISE_NOT_MET, REPRODUCED,
+                      RESAMPLES, Verdict, evaluate_paper)
 
-MARK = {REPRODUCED: "✔ reproduced", NOT_REPRODUCED: "✘ not reproduced", NOT_TESTABLE: "– not testable"}
+MARK = {REPRODUCED: "✔ reproduced", NOT_REPRODUCED: "✘ not reproduced", INCONCLUSIVE: "≈ inconclusive",
+        PREMISE_NOT_MET: "⊘ premise not met", NOT_TESTABLE: "– not testable"}
+SOURCE_LABEL = {"paper": "paper claims", "hypothesis": "hypotheses", "project": "project checks"}
 EMBEDDED_CAVEAT = ("**Embedded profile**: tiny CLIPs pretrained on a procedural image-caption world and "
                    "evaluated on its own datasets. Absolute numbers are not comparable with the paper; "
                    "claims are judged on relative differences.")
@@ -50,7 +54,12 @@ class Report:
         self.rank = method_rank(self.methods)
         self.figures: list[Path] = []
         mnorm = {norm(m) for m in self.methods}
-        self.used = [r for r in self.records if norm(r["method"]) in mnorm and r["protocol"] in self.protocols]
+        # a method pinned to one folder's runs (defaults: {coop: {paper: subpt}}) shows those runs in the
+        # tables too, so a table row and the verdicts use the same runs
+        pinned = {norm(m): {norm(p) for p in (d["paper"] if isinstance(d["paper"], list) else [d["paper"]])}
+                  for m, d in paper.defaults.items() if "paper" in d}
+        self.used = [r for r in self.records if norm(r["method"]) in mnorm and r["protocol"] in self.protocols
+                     and norm(r["paper"]) in pinned.get(norm(r["method"]), {norm(r["paper"])})]
 
     # -- sections -----------------------------------------------------------------------------------
     def render(self) -> str:
@@ -89,12 +98,18 @@ class Report:
         for i, c in enumerate(self.paper.claims):
             e, r = verdicts["embedded"][i], verdicts["real"][i]
             real = MARK[r.status] if has_real else "not run here"
-            rows.append([f"[{c.id}](#claim-{c.id})", c.text, MARK[e.status], real])  # GitHub anchor
-        counts = {s: sum(v.status == s for v in verdicts["embedded"]) for s in MARK}
-        line = (f"Embedded profile: {counts[REPRODUCED]} reproduced, {counts[NOT_REPRODUCED]} not reproduced, "
-                f"{counts[NOT_TESTABLE]} not testable, of {len(self.paper.claims)} claims.")
-        return "\n".join(["## Verdicts", "", md_table(["claim", "the paper says", "embedded", "real"], rows),
-                          "", line, "", "> " + EMBEDDED_CAVEAT])
+            rows.append([f"[{c.id}](#claim-{c.id})", c.source, c.text, MARK[e.status], real])  # GitHub anchor
+        lines = ["## Verdicts", "", md_table(["claim", "source", "the claim", "embedded", "real"], rows), ""]
+        lines += [count_line(verdicts["embedded"], "Embedded profile")]
+        if has_real:
+            lines += ["", count_line(verdicts["real"], "Real profile")]
+        lines += ["", f"A verdict is ✔ or ✘ only when it holds beyond run-to-run noise: the check's margin on "
+                      f"{RESAMPLES} paired bootstrap resamples of seeds x datasets has its {LEVEL:.0%} interval on "
+                      f"one side of zero; otherwise ≈ inconclusive. Datasets where zero-shot CLIP is below "
+                      f"{NEAR_CHANCE:g} x chance decide nothing. Source: *paper* = stated in the paper or its "
+                      f"official README; *hypothesis* = read from a figure, a card or a secondary source; "
+                      f"*project* = a protocol check of ours.", "", "> " + EMBEDDED_CAVEAT]
+        return "\n".join(lines)
 
     def paper_numbers(self) -> str:
         rep = self.paper.reported
@@ -182,11 +197,14 @@ class Report:
         if not self.paper.claims:
             return ""
         out = ["## Claims", "",
-               "Each check is evaluated on seed-averaged, then dataset-averaged numbers, over the datasets "
-               "present for every term of the check; a claim is never counted as reproduced when a number "
-               "it needs is missing."]
+               "Each check is evaluated on seed-averaged, then dataset-averaged numbers over a matched grid: "
+               "the datasets present for every term, the seeds every trained term ran, one shot count unless "
+               "the check pins them; a claim is never counted as reproduced when a number it needs is missing."]
         for i, c in enumerate(self.paper.claims):
-            out += ["", f"### Claim {c.id}", "", f"> {c.text}" + (f" ({c.ref})" if c.ref else ""), ""]
+            head = f"> {c.text}" + (f" ({c.ref})" if c.ref else "")
+            out += ["", f"### Claim {c.id}", "", head, "", f"Source: {c.source}."
+                    + (f" Requires: {', '.join(f'[{p}](#claim-{p})' for p in c.requires)}." if c.requires else "")
+                    + (f" Scale-free: {c.scale_free}" if c.scale_free else ""), ""]
             if c.check:
                 out += [f"Check (protocol `{c.protocol}`): `{c.check.text}`", ""]
             for prof in PROFILES:
@@ -199,14 +217,17 @@ class Report:
 
     def _verdict_lines(self, v: Verdict) -> list[str]:
         head = f"- **{v.profile}**: {MARK[v.status]}"
-        if v.status == NOT_TESTABLE:
-            return [f"{head}: {v.reason}."]
-        pools = [f"{', '.join(ds)}" + (f" ({label})" if label else "") for label, ds in v.datasets.items()]
-        n = sum(len(ds) for ds in v.datasets.values())
-        lines = [f"{head} on {n} dataset(s): {'; '.join(pools)}" if pools else head]
+        if v.status == NOT_TESTABLE or not v.terms:
+            return [f"{head}: {v.reason}." if v.reason else head]
+        lines = [head + (f" ({v.reason})" if v.status in (PREMISE_NOT_MET, INCONCLUSIVE) and v.reason else "")]
+        if v.check_status:
+            lines[0] += f"; its own check alone: {MARK[v.check_status]}"
+        lines += ["", "  Grid: " + grid_text(v)]
+        if v.near_chance:
+            lines += ["", "  Near chance, left out: " + "; ".join(f"{d} ({why})" for d, why in v.near_chance.items())]
         if v.dropped:
-            lines[0] += "; dropped: " + "; ".join(
-                f"{d} (no run of {', '.join(f'`{t}`' for t in who)})" for d, who in v.dropped.items())
+            lines += ["", "  Dropped: " + "; ".join(
+                f"{d} (no run of {', '.join(f'`{t}`' for t in who)})" for d, who in v.dropped.items())]
         rows = []
         for t in v.terms:
             if isinstance(t.value, dict):
@@ -216,10 +237,14 @@ class Report:
             rows.append([f"`{t.text}`", val, t.filters])
         lines += ["", "  " + md_table(["term", "value", "resolved with"], rows).replace("\n", "\n  ")]
         if v.steps:
-            lines += ["", "  Decided by: " + "; ".join(
-                f"{_num(s.left_value)} {s.op} {_num(s.right_value)} → {str(s.result).lower()}" for s in v.steps)]
-        for n in v.notes:
-            lines += ["", f"  Note: {n}"]
+            lines += ["", "  Decided by: " + "; ".join(step_text(s) for s in v.steps)]
+        if v.noise is not None:
+            n = v.noise
+            lines += ["", f"  Noise: margin {_margin(n.margin)}, {LEVEL:.0%} interval [{_margin(n.low)}, "
+                          f"{_margin(n.high)}]; holds in {n.holds:.1%} of {n.resamples} resamples; "
+                          + stability_text(n)]
+        for note in v.notes:
+            lines += ["", f"  Note: {note}"]
         return lines
 
     def real_section(self, has_real: bool) -> str:
@@ -304,6 +329,69 @@ AGGREGATE_ROWS = {"average", "avg", "mean"}
 
 def _proto_rank(p: str) -> tuple:
     return (PROTOCOLS.index(p) if p in PROTOCOLS else len(PROTOCOLS), p)
+
+
+def count_line(verdicts: Sequence[Verdict], label: str) -> str:
+    """'Paper claims: 3 of 9 reproduced (2 not reproduced, ...); hypotheses: ...; project checks: ...'."""
+    parts = []
+    for src in SOURCES:
+        vs = [v for v in verdicts if v.claim.source == src]
+        if not vs:
+            continue
+        counts = {s: sum(v.status == s for v in vs) for s in MARK}
+        rest = [f"{n} {s}" for s, n in counts.items() if s != REPRODUCED and n]
+        parts.append(f"{SOURCE_LABEL[src]}: {counts[REPRODUCED]} of {len(vs)} reproduced"
+                     + (f" ({', '.join(rest)})" if rest else ""))
+    return f"{label} — {'; '.join(parts)}." if parts else f"{label}: no claims."
+
+
+def grid_text(v: Verdict) -> str:
+    pools = [", ".join(ds) + (f" ({label})" if label else "") for label, ds in v.datasets.items()]
+    pinned = sorted({d for t in v.terms for d in t.datasets} - {d for ds in v.datasets.values() for d in ds})
+    if pinned:
+        pools.append(", ".join(pinned) + " (named by the check)")
+    parts = ["datasets " + "; ".join(pools)]
+    if v.shots:
+        parts.append("shots " + ", ".join(map(str, v.shots)))
+    parts.append("seeds " + ", ".join(map(str, v.seeds)) if v.seeds else "no trained term (one deterministic run each)")
+    return "; ".join(parts) + "."
+
+
+def step_text(s) -> str:
+    """One deciding step: a scalar comparison, an element-wise vector comparison, or a vector reduction."""
+    if s.kind == "reduce":
+        res = _num(s.result)
+        return f"{s.left.replace('(…)', '')}({_vals(s.left_value)}) = {res}"
+    if isinstance(s.result, dict):
+        return (f"{s.left} {s.op} {s.right}: " + ", ".join(
+            f"{_key(k)} {_num(_at(s.left_value, k))} {s.op} {_num(_at(s.right_value, k))} "
+            f"{'✓' if r else '✗'}" for k, r in s.result.items()))
+    return f"{_num(s.left_value)} {s.op} {_num(s.right_value)} → {str(s.result).lower()}"
+
+
+def stability_text(n) -> str:
+    if n.stability == "deterministic":
+        return "no trained term: deterministic."
+    seeds = ", ".join(f"seed {k} {'✓' if ok else '✗'}" for k, ok in n.per_seed.items())
+    return f"{n.stability} per seed ({seeds})."
+
+
+def _at(v, k):
+    return v[k] if isinstance(v, dict) else v
+
+
+def _key(k) -> str:
+    return f"k={k}:" if isinstance(k, int) else f"{k}:"
+
+
+def _vals(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{_key(k)} {'✓' if x is True else '✗' if x is False else _num(x)}" for k, x in v.items())
+    return _num(v)
+
+
+def _margin(x: float) -> str:
+    return "∞" if x >= 1e9 else "-∞" if x <= -1e9 else f"{x:+.2f}"
 
 
 def _num(x) -> str:

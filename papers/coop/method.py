@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -24,36 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.clip import ClipBundle, PromptTextEncoder, logit_scale, tokenize
+from common.clip.text import encode_prompts  # noqa: F401  (re-exported: CoCoOp and LASP import it from here)
 from common.engine import TrainConfig, Trainer, index_batches, items_digest
 from common.engine.protocols import Task, eval_classifier
 from common.engine.threads import torch_threads
 
 POSITIONS = ("end", "middle", "front")
 PROMPT_FILE = "prompt.pt"   # learned prompt kept in each run's checkpoint folder
-
-
-def encode_prompts(encoder: PromptTextEncoder, prompts: torch.Tensor, token_ids: torch.Tensor,
-                   chunk: int | None = None) -> torch.Tensor:
-    """Unnormalised text features of (n, L, d) prompt embeddings, equal to `encoder(prompts, token_ids)`.
-
-    CLIP's text transformer is causal and pools at the EOT token, so positions after the last EOT of the
-    batch never reach an output: they are dropped (exact; 2-4x cheaper for CoOp prompts, 77 -> ~20 tokens).
-    `chunk` bounds how many sequences are encoded at once (many classes, CoCoOp's B x K prompts)."""
-    n = prompts.shape[0]
-    if encoder.pool_type in ("argmax", "eos") and encoder.attn_mask is not None:
-        eot = token_ids.argmax(-1) if encoder.pool_type == "argmax" else (token_ids == encoder.eos_id).int().argmax(-1)
-        keep = int(eot.max()) + 1
-        # The encoder's own forward on a view of its parts cut to `keep` positions (one implementation).
-        enc = SimpleNamespace(transformer=encoder.transformer, positional_embedding=encoder.positional_embedding[:keep],
-                              attn_mask=encoder.attn_mask[:keep, :keep], ln_final=encoder.ln_final,
-                              text_projection=encoder.text_projection, pool_type=encoder.pool_type,
-                              eos_id=encoder.eos_id)
-        prompts, token_ids = prompts[:, :keep], token_ids[:, :keep]
-    else:
-        enc = encoder
-    chunk = chunk or n
-    outs = [PromptTextEncoder.forward(enc, prompts[i:i + chunk], token_ids[i:i + chunk]) for i in range(0, n, chunk)]
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class PromptLearner(nn.Module):

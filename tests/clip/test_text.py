@@ -44,3 +44,28 @@ def test_tokenize_refuses_truncation(tiny_rn):
     import pytest
     with pytest.raises(ValueError, match="does not fit the context length"):
         tokenize(tiny_rn, ["word " * 60])
+
+
+def test_shared_prefix_encoding_equals_full_prompts(tiny_clip):
+    """Prompts that share their first P tokens (SOS + a unified context) encode the same through the shared-prefix
+    path: values and the gradient that reaches the context, for several groups with different contexts."""
+    from common.clip.text import encode_prompts, encode_shared_prefix, shared_prefix_supported
+    from papers.coop.method import PromptLearner
+    for p in tiny_clip.model.parameters():
+        p.requires_grad_(False)
+    names = ["star", "lightning bolt", "sky blue t-shirt"]
+    learners = [PromptLearner(tiny_clip, names, n_ctx=4) for _ in range(2)]
+    assert shared_prefix_supported(learners[0].encoder)
+    P = 1 + learners[0].n_ctx
+    eot = learners[0].token_ids.argmax(-1) - P
+    S = int(eot.max()) + 1
+    ctx = torch.stack([l.ctx.detach() for l in learners]).requires_grad_(True)
+    prompts = torch.stack([l.construct_prompts(ctx[g]) for g, l in enumerate(learners)])      # (G, K, L, d)
+    fast = encode_shared_prefix(learners[0].encoder, prompts[:, 0, :P], prompts[:, :, P:P + S], eot)
+    (fast * torch.arange(fast.numel()).view_as(fast)).sum().backward()
+    g_fast = ctx.grad.clone()
+    ctx.grad = None
+    full = torch.stack([encode_prompts(l.encoder, prompts[g], l.token_ids) for g, l in enumerate(learners)])
+    (full * torch.arange(full.numel()).view_as(full)).sum().backward()
+    assert torch.allclose(fast, full, atol=1e-5) and not torch.allclose(full[0], full[1])
+    assert torch.allclose(g_fast, ctx.grad, rtol=1e-4, atol=1e-2)        # gradients of size ~1e5

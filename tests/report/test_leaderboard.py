@@ -75,3 +75,25 @@ def test_no_runs(tmp_path):
     paths = write_leaderboard(tmp_path / "runs", tmp_path / "out")
     assert "No embedded-profile run records yet." in paths["md"].read_text()
     assert json.loads(paths["json"].read_text()) == {}
+
+
+def test_test_selected_rows_are_never_ranked_and_sweeps_collapse(tmp_path):
+    world(tmp_path)
+    for i, ds in enumerate(DATASETS):
+        rec(tmp_path, "calip", ds, {"top1": 99.0}, protocol="zeroshot", variant="test_oracle", seed=0,
+            selected_on="test")
+        for a, val in ((0.5, 60.0), (0.9, 70.0), (0.1, 10.0)):
+            for s in (1, 2, 3):
+                rec(tmp_path, "wise", ds, {"top1": val}, shots=16, seed=s, variant=f"a{a}",
+                    sweep={"param": "alpha", "value": a, "default": a == 0.5},
+                    **({"selected_on": "val"} if a == 0.9 else {}))
+    text, m = build(tmp_path)
+    assert "calip (test_oracle)" not in text.split("Not ranked")[0].split("## zeroshot")[1]
+    assert "Not ranked (setting chosen on the test split): calip (test_oracle) 99.00." in text
+    assert "zeroshot/tiny-rn/calip-test_oracle/avg" not in m
+    assert "| wise (a0.5) | — | 60.00 ± 0.00 |" in text and "| wise (a0.9) | — | 70.00 ± 0.00 |" in text
+    assert "| wise (a0.1)" not in text and "the 1 other settings (wise (a0.1))" in text
+    paths = write_leaderboard(tmp_path, tmp_path / "out")
+    full = (tmp_path / "out" / "leaderboard_sweeps.md").read_text()
+    assert full.startswith("# Leaderboard with every sweep setting") and "wise (a0.1)" in full
+    assert "[leaderboard_sweeps.md](leaderboard_sweeps.md)" in paths["md"].read_text()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.clip.loader import load_clip, save_clip_checkpoint
+from common.clip.text import PromptTextEncoder, encode_text
 from common.data.images import OPENAI_MEAN, OPENAI_STD
 
 from .captions import CaptionStyle, captions
@@ -36,8 +37,10 @@ from .world import Distribution, SceneInfo, sample_scenes
 
 # Defaults per architecture (params.yaml `pretrain:` passes the same keys explicitly).
 DEFAULTS = {
-    "tiny-rn": dict(steps=1200, batch=256, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0, curriculum=0.3),
-    "tiny-vit": dict(steps=800, batch=128, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=1, distill=1.0, curriculum=0.5),
+    "tiny-rn": dict(steps=1200, batch=256, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0, curriculum=0.3,
+                    logit_scale=100.0),
+    "tiny-vit": dict(steps=800, batch=128, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=1, distill=1.0, curriculum=0.5,
+                     logit_scale=100.0),
 }
 RENDER_CHUNK = 512
 
@@ -168,12 +171,14 @@ class SharedCaptionClipLoss(open_clip.ClipLoss):
 
 
 def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bool = False, teacher=None,
-               x_teacher: torch.Tensor | None = None, distill: float = 0.0) -> float:
+               x_teacher: torch.Tensor | None = None, distill: float = 0.0, text_encoder=None) -> float:
     """One optimiser step of the contrastive loss (+ distill x cosine distance to the teacher's image
-    embedding). Returns the loss."""
+    embedding). Returns the loss. `text_encoder` (a PromptTextEncoder sharing the model's text tower)
+    encodes the captions up to the batch's last EOT: the same function as `model.encode_text`, cheaper."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         fi = F.normalize(model.encode_image(x).float(), dim=-1)
-        ft = F.normalize(model.encode_text(tok).float(), dim=-1)
+        text = encode_text(text_encoder, tok) if text_encoder is not None else model.encode_text(tok)
+        ft = F.normalize(text.float(), dim=-1)
         loss = loss_fn(fi, ft, model.logit_scale.exp(), tokens=tok)
         if teacher is not None and distill > 0:
             with torch.no_grad():
@@ -183,17 +188,21 @@ def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bo
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     opt.step()
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(100))
+    if model.logit_scale.requires_grad:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
     return float(loss.detach())
 
 
 def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: float, warmup: int, pool: int, seed: int,
-             distill: float = 0.0, teacher: str | None = None, curriculum: float = 0.0, dist: Distribution = PRETRAIN_DIST,
+             distill: float = 0.0, teacher: str | None = None, curriculum: float = 0.0, logit_scale: float = 0.0,
+             dist: Distribution = PRETRAIN_DIST,
              cstyle: CaptionStyle = PRETRAIN_CAPTIONS, threads: int = 2, amp: str = "auto", eval_every: int = 0,
              eval_n: int = 512, progress: bool = True, device: str = "cpu") -> dict:
     """Train `arch` from scratch and save it to `out`. Returns the training log (also written to out.json).
-    The pipeline trains on the CPU (seeded, deterministic); `device="cuda"` is for quick recipe sweeps."""
+    The pipeline trains on the CPU (seeded, deterministic); `device="cuda"` is for quick recipe sweeps.
+    `logit_scale` > 0 fixes the temperature at that value (OpenAI's released CLIPs all end at the clamp, 100);
+    0 learns it from 1/0.07 as CLIP does."""
     t_start = time.time()
     torch.manual_seed(seed)
     random.seed(seed)
@@ -224,12 +233,22 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
 
     for p in model.parameters():
         p.requires_grad_(True)
+    if logit_scale < 0:
+        raise ValueError(f"logit_scale must be > 0 (fixed) or 0 (learned), got {logit_scale}")
+    if logit_scale:
+        # A learned temperature settles near 15-19 on this world (its captions repeat, so batches hold many
+        # near-duplicate negatives); OpenAI's CLIPs end at 100. Methods' official learning rates see logits
+        # scale x cos, so the tiny towers are trained at OpenAI's temperature (REGIME note in data/README.md).
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(logit_scale))
+        model.logit_scale.requires_grad_(False)
     model = model.to(device)
     if not bundle.is_vit:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = SharedCaptionClipLoss()
+    text_encoder = PromptTextEncoder(model)
 
     t0 = time.time()
     if not 0.0 <= curriculum < 1.0:
@@ -241,7 +260,7 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
     t_render = time.time() - t0
     rng = np.random.default_rng([seed, 999])
     log = {"arch": arch, "device": device.type, "steps": steps, "batch": batch, "lr": lr, "wd": wd, "warmup": warmup, "pool": pool, "seed": seed,
-           "distill": distill, "teacher": str(teacher) if teacher else None, "bf16": use_bf16, "render_s": round(t_render, 1),
+           "distill": distill, "logit_scale": logit_scale or "learned", "teacher": str(teacher) if teacher else None, "bf16": use_bf16, "render_s": round(t_render, 1),
            "curriculum": curriculum, "distribution": asdict(dist), "caption_style": asdict(cstyle),
            "warmup_distribution": asdict(WARMUP_DIST) if warm_steps else None,
            "warmup_caption_style": asdict(WARMUP_CAPTIONS) if warm_steps else None, "loss": [], "evals": []}
@@ -265,7 +284,7 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
         x_teacher = None
         if teacher_model is not None:
             x_teacher = to_model_input(images[idx], 64).to(device).contiguous(memory_format=torch.channels_last)
-        loss = train_step(model, opt, loss_fn, x, tok, use_bf16, teacher_model, x_teacher, distill)
+        loss = train_step(model, opt, loss_fn, x, tok, use_bf16, teacher_model, x_teacher, distill, text_encoder)
         log["loss"].append(round(float(loss), 4))
         bar.set_postfix(loss=f"{loss:.3f}", scale=f"{float(model.logit_scale.exp()):.1f}")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
