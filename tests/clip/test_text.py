@@ -62,10 +62,11 @@ def test_shared_prefix_encoding_equals_full_prompts(tiny_clip):
     ctx = torch.stack([l.ctx.detach() for l in learners]).requires_grad_(True)
     prompts = torch.stack([l.construct_prompts(ctx[g]) for g, l in enumerate(learners)])      # (G, K, L, d)
     fast = encode_shared_prefix(learners[0].encoder, prompts[:, 0, :P], prompts[:, :, P:P + S], eot)
-    (fast * torch.arange(fast.numel()).view_as(fast)).sum().backward()
+    weights = torch.randn(fast.shape, generator=torch.Generator().manual_seed(0))
+    (fast * weights).sum().backward()
     g_fast = ctx.grad.clone()
     ctx.grad = None
     full = torch.stack([encode_prompts(l.encoder, prompts[g], l.token_ids) for g, l in enumerate(learners)])
-    (full * torch.arange(full.numel()).view_as(full)).sum().backward()
+    (full * weights).sum().backward()
     assert torch.allclose(fast, full, atol=1e-5) and not torch.allclose(full[0], full[1])
-    assert torch.allclose(g_fast, ctx.grad, rtol=1e-4, atol=1e-2)        # gradients of size ~1e5
+    assert torch.allclose(g_fast, ctx.grad, rtol=1e-4, atol=1e-3)     # gradients up to ~200 on a random tower
