@@ -32,7 +32,11 @@ class Datum:
 class Dataset:
     """Class names, the CoOp prompt template and the three splits; `meta` holds optional extras:
     `hierarchy` (ProTeCt), `descriptors` (CuPL/VCD JSON path), `templates` (ensemble), `captions`
-    (text-only corpus), `unlabeled` (list[Datum]), `ignore_index` (segmentation), ..."""
+    (text-only corpus), `unlabeled` (list[Datum]), `ignore_index` (segmentation), `raw_classnames` (the
+    names verbatim from the split file, one per class), ...
+
+    `classnames` are cleaned as CoOp's prompts see them (`_` -> space): what a method gets unless its
+    contract says otherwise (`prompt_classnames`)."""
 
     name: str
     classnames: list[str]
@@ -61,6 +65,28 @@ class Dataset:
 
     def with_splits(self, **splits: Any) -> "Dataset":
         return replace(self, **splits)
+
+
+def prompt_classnames(dataset: Dataset, clean: bool = True) -> list[str]:
+    """The class names a method formats into its prompts: part of each method's contract, by its official code.
+
+    clean=True: `dataset.classnames`, the file's names with underscores read as spaces (CoOp's
+    `name.replace("_", " ")`; whitespace runs collapsed). The official code of CoOp, CoCoOp and KgCoOp
+    (`PromptLearner`), CoOp's zero-shot CLIP (`trainers/zsclip.py`), Tip-Adapter (`utils.clip_classifier`),
+    CLIP-Adapter (`clip_adapter.py`) and SVL-Adapter (`low_shot_adapt.py`) all clean; every method here uses
+    `Dataset.classnames` unless its paper folder says otherwise.
+    clean=False: the names verbatim as the split/class file spells them, after the dataset's own renames
+    (EuroSAT, Caltech101): `meta["raw_classnames"]`. TaskRes's official `_get_base_text_features` formats
+    `classnames` unchanged ("a photo of a american_bulldog, a type of pet."). Where a dataset keeps no raw
+    names (ImageNet and its variants read CLIP's names, the embedded world has no underscores) both agree."""
+    if clean:
+        return list(dataset.classnames)
+    raw = dataset.meta.get("raw_classnames")
+    if raw is None:
+        return list(dataset.classnames)
+    if len(raw) != len(dataset.classnames):
+        raise ValueError(f"dataset {dataset.name}: {len(raw)} raw class names for {len(dataset.classnames)} classes")
+    return list(raw)
 
 
 _BUILDERS: dict[str, Callable[[Path], Dataset]] = {}

@@ -118,7 +118,7 @@ def fewshot_split(dataset: Dataset, shots: int, seed: int, cache_dir: str | Path
 
 
 # Per-class lists in Dataset.meta that must follow a class subset.
-PER_CLASS_META = ("wnids", "imagenet_indices")
+PER_CLASS_META = ("wnids", "imagenet_indices", "raw_classnames")
 
 
 def subsample_classes(dataset: Dataset, subsample: str = "all") -> Dataset:

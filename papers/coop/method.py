@@ -3,8 +3,9 @@
 Prompt of class k (class token "end"): [SOS] [V]_1 .. [V]_M [CLASS_k] . [EOS]. The SOS prefix and the
 "CLASS . EOS pad" suffix are frozen token embeddings (buffers); only the context is learned, either
 shared by all classes (unified) or one per class (class-specific context, CSC). Initialised from a
-phrase ("a photo of a": M = its token count, context = its token embeddings) the prompts are exactly
-the tokenised "a photo of a {class}.", so CoOp starts at zero-shot CLIP.
+phrase ("a photo of a"), M = its word count and the context = its first M token embeddings (the official
+rule, `init_phrase`); the prompts are exactly the tokenised "a photo of a {class}.", so CoOp starts at
+zero-shot CLIP.
 
 Training (`train_coop`) runs on cached frozen image features; the text encoder runs every step because
 the gradient reaches the context through it. `evaluate` encodes the K prompts once and scores cached
@@ -32,6 +33,19 @@ POSITIONS = ("end", "middle", "front")
 PROMPT_FILE = "prompt.pt"   # learned prompt kept in each run's checkpoint folder
 
 
+def init_phrase(ctx_init: str) -> tuple[str, int]:
+    """(phrase, M) of a context init phrase, by the official rule (CoOp and CoCoOp `PromptLearner`):
+    underscores read as spaces and M = the number of WORDS, `len(ctx_init.split(" "))`; the context is then
+    the first M token embeddings after SOS. When the phrase has more BPE pieces than words ("itap of a" ->
+    it|ap|of|a, M = 3), the remaining pieces stay frozen between the context and the class name, so the
+    initial prompt is still exactly the tokenised phrase. Runs of whitespace count as one separator here
+    (the official `split(" ")` would count an empty word)."""
+    phrase = " ".join(ctx_init.replace("_", " ").split())
+    if not phrase:
+        raise ValueError(f"ctx_init {ctx_init!r} has no words: give a phrase ('a photo of a') or '' for random init")
+    return phrase, len(phrase.split(" "))
+
+
 class PromptLearner(nn.Module):
     def __init__(self, bundle: ClipBundle, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str | None = None,
                  csc: bool = False, class_token_position: str = "end", init_std: float = 0.02):
@@ -48,10 +62,11 @@ class PromptLearner(nn.Module):
         embed = self.encoder.token_embedding
         device = embed.weight.device  # token ids must sit where the (possibly CUDA) embedding is
         with torch.no_grad():
+            n_fixed = 0   # pieces of the init phrase past the M learned ones (frozen, in the suffix)
             if ctx_init:
-                ctx_init = ctx_init.replace("_", " ").strip()
+                ctx_init, n_ctx = init_phrase(ctx_init)
                 init_ids = tokenize(bundle, [ctx_init], device=device)
-                n_ctx = int(init_ids.argmax(-1).item()) - 1   # BPE tokens between SOS and EOT
+                n_fixed = int(init_ids.argmax(-1).item()) - 1 - n_ctx   # BPE pieces between SOS and EOT, minus M
                 ctx = embed(init_ids)[0, 1:1 + n_ctx].clone()
                 if csc:  # the official code ignores CSC with an init phrase; we honour it: every class starts equal
                     ctx = ctx.unsqueeze(0).repeat(len(names), 1, 1)
@@ -66,24 +81,26 @@ class PromptLearner(nn.Module):
             embedding = embed(token_ids)
             name_lens = [int(tokenize(bundle, [n]).argmax(-1).item()) - 1 for n in names]
         self.ctx = nn.Parameter(ctx.to(self.encoder.dtype))
-        self.n_ctx, self.csc, self.position = n_ctx, csc, class_token_position
+        self.n_ctx, self.n_fixed, self.csc, self.position = n_ctx, n_fixed, csc, class_token_position
         self.register_buffer("token_ids", token_ids, persistent=False)
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)         # SOS
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)  # CLASS . EOS pad
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)  # [fixed] CLASS . EOS
         self.register_buffer("token_order", self._token_order(name_lens, token_ids.shape[1]), persistent=False)
         self.name_lens = name_lens
         self.classnames = list(names)
 
     def _token_order(self, name_lens: list[int], length: int) -> torch.Tensor:
-        """(K, L) positions that turn the "end" layout [SOS][ctx][CLASS . EOS pad] into this position's layout:
-        middle = [SOS][ctx[:M/2]][CLASS][ctx[M/2:]][. EOS pad], front = [SOS][CLASS][ctx][. EOS pad]."""
-        M, h = self.n_ctx, self.n_ctx // 2
+        """(K, L) positions that turn the "end" layout [SOS][ctx][fixed][CLASS . EOS pad] into this position's
+        layout: middle = [SOS][ctx[:M/2]][CLASS][ctx[M/2:]][fixed][. EOS pad], front = [SOS][CLASS][ctx][fixed]
+        [. EOS pad]. `fixed` = the init phrase's frozen pieces past M (`init_phrase`), kept with the context:
+        the official code slices the class name at offset 0 of its suffix and would cut them into the name."""
+        M, h, f = self.n_ctx, self.n_ctx // 2, self.n_fixed
         rows = []
         for n in name_lens:
-            sos, ctx, cls = [0], list(range(1, 1 + M)), list(range(1 + M, 1 + M + n))
-            rest = list(range(1 + M + n, length))
-            order = {"end": sos + ctx + cls + rest, "middle": sos + ctx[:h] + cls + ctx[h:] + rest,
-                     "front": sos + cls + ctx + rest}[self.position]
+            sos, ctx, fixed = [0], list(range(1, 1 + M)), list(range(1 + M, 1 + M + f))
+            cls, rest = list(range(1 + M + f, 1 + M + f + n)), list(range(1 + M + f + n, length))
+            order = {"end": sos + ctx + fixed + cls + rest, "middle": sos + ctx[:h] + cls + ctx[h:] + fixed + rest,
+                     "front": sos + cls + ctx + fixed + rest}[self.position]
             rows.append(order)
         return torch.tensor(rows, dtype=torch.long)
 
@@ -173,9 +190,9 @@ def option(cfg: dict, key: str) -> Any:
 
 def variant_name(cfg: dict) -> str:
     """Run-record variant of a CoOp setting: m{M}_{position}[_csc][_ctxv1] (ctxv1 = "a photo of a" init,
-    the official config suffix; another init phrase gives _init)."""
-    init = (option(cfg, "ctx_init") or "").replace("_", " ").strip()
-    m = 4 if init == "a photo of a" else (len(init.split()) if init else option(cfg, "n_ctx"))
+    the official config suffix; another init phrase gives _init). M is the learner's: the phrase's word count."""
+    raw = option(cfg, "ctx_init") or ""
+    init, m = init_phrase(raw) if raw else ("", option(cfg, "n_ctx"))   # the learner's rule: any phrase given counts
     name = f"m{m}_{option(cfg, 'class_token_position')}" + ("_csc" if option(cfg, "csc") else "")
     return name + ("_ctxv1" if init == "a photo of a" else "_init" if init else "")
 

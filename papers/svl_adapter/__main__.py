@@ -39,6 +39,9 @@ def _check(cfg: dict) -> None:
     bad = [v for v in cfg["variants"] if v not in VARIANTS]
     if bad:
         raise ValueError(f"variants must be among {VARIANTS}, got {bad}")
+    res = cfg.get("feature_res")
+    if isinstance(res, bool) or not isinstance(res, int) or res < 1:
+        raise ValueError(f"feature_res must be a positive number of pixels, got {res!r}")
 
 
 # --------------------------------------------------------------------------------------- SSL encoder
@@ -89,7 +92,8 @@ class _LazyImages:
 
 def _ssl_feats(cfg: dict, name: str, split: str, items) -> dict:
     enc, enc_id = ssl_encoder(cfg, name)
-    return ssl_features(enc, name, split, items, int(cfg["ssl"]["res"]), encoder_id=enc_id)
+    # extraction size: official feature_extraction.py --im_res (default 224), not the SimCLR crop size (112)
+    return ssl_features(enc, name, split, items, int(cfg["feature_res"]), encoder_id=enc_id)
 
 
 def _clip_test(cfg: dict, task: Task, split: str, items=None) -> torch.Tensor:
@@ -124,6 +128,7 @@ def fit_eval_all(cfg: dict, task: Task) -> dict[str, dict]:
 
 def train(cfg: dict) -> list[str]:
     """SimCLR-pretrain the SSL encoder of every dataset and cache its train/val/test features"""
+    _check(cfg)
     done = []
     for name in cfg["datasets"]:
         full = build_dataset(name, cfg["data_root"])

@@ -36,6 +36,13 @@ class AdapterMLP(nn.Module):
         return self.net(h)
 
 
+def all_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """One epoch's shuffled index batches, the last partial one included: the official loaders are
+    `DataLoader(shuffle=True)` with drop_last False (the adapter's, and SimCLR's `drop_last=False`), where the
+    engine's `index_batches` drops a partial batch. The same shuffle as `index_batches` (one batch of n, split)."""
+    return list(index_batches(n, n, seed, epoch)[0].split(batch_size))
+
+
 def fit_adapter(features: torch.Tensor, labels: torch.Tensor, num_classes: int, opts: dict, seed: int,
                 out_dir=None, desc: str = "svl adapter") -> AdapterMLP:
     """Cross-entropy on frozen SSL features with Adam (official: lr 1e-3, 50 epochs, batch 32, no schedule)."""
@@ -52,7 +59,7 @@ def fit_adapter(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     def step(idx):
         return F.cross_entropy(adapter(x[idx]), y[idx])
 
-    Trainer(adapter, cfg, out_dir, desc=desc).fit(step, lambda epoch: index_batches(len(x), bs, seed, epoch))
+    Trainer(adapter, cfg, out_dir, desc=desc).fit(step, lambda epoch: all_batches(len(x), bs, seed, epoch))
     for p in adapter.parameters():
         p.requires_grad_(False)
     return adapter.eval()
@@ -107,29 +114,24 @@ def tune_lambda(clip: torch.Tensor, ssl: torch.Tensor, labels: torch.Tensor, ste
 
 
 def pseudo_labels(clip: torch.Tensor, per_class: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-shot variant: the `per_class` most confident images of each CLIP-predicted class, labelled
-    with that class; a class CLIP never predicts gets its single most probable remaining image
-    (official `generate_clip_pseudolabels.py`). Returns (image indices, pseudo labels)."""
+    """Zero-shot variant, the official `generate_clip_pseudolabels.py` rule: the `per_class` most confident
+    images of each CLIP-predicted class, labelled with that class; then each class CLIP never predicts takes
+    the image most probable for it among all images not taken by an earlier such class, even one of another
+    class's picks, which that class then loses (`pseudo_full` drops the rows `rare_df` takes, without a
+    replacement). Never-predicted classes go in index order (official: Python set order of the label
+    strings, which varies between processes). Returns (image indices in increasing order, pseudo labels)."""
     probs = clip.float().softmax(-1)
     conf, pred = probs.max(-1)
-    idx, lab = [], []
-    for c in range(probs.shape[1]):
+    label = torch.full((len(probs),), -1, dtype=torch.long)   # -1: not pseudo-labelled
+    for c in pred.unique().tolist():
         members = (pred == c).nonzero().flatten()
-        if len(members):
-            top = members[conf[members].argsort(descending=True)[:per_class]]
-            idx.append(top)
-            lab.append(torch.full_like(top, c))
-    taken = torch.zeros(len(probs), dtype=torch.bool)
-    if idx:
-        taken[torch.cat(idx)] = True
+        label[members[conf[members].argsort(descending=True)[:per_class]]] = c
+    rare_taken = torch.zeros(len(probs), dtype=torch.bool)
     for c in sorted(set(range(probs.shape[1])) - set(pred.tolist())):
-        score = probs[:, c].masked_fill(taken, -1.0)
-        i = int(score.argmax())
-        if score[i] < 0:
-            continue  # fewer images than classes: nothing left to give this class
-        taken[i] = True
-        idx.append(torch.tensor([i]))
-        lab.append(torch.tensor([c]))
-    if not idx:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return torch.cat(idx), torch.cat(lab)
+        if rare_taken.all():
+            break  # fewer images than classes: nothing left to give this class
+        i = int(probs[:, c].masked_fill(rare_taken, -1.0).argmax())
+        rare_taken[i] = True
+        label[i] = c
+    idx = (label >= 0).nonzero().flatten()
+    return idx, label[idx]

@@ -24,8 +24,10 @@ from torchvision import transforms as T
 from torchvision.ops import roi_align
 
 from common.data import Datum, ImageListDataset
-from common.engine import TrainConfig, Trainer, index_batches
+from common.engine import TrainConfig, Trainer
 from common.engine.cache import FeatureCache, cache_key, items_digest
+
+from .method import all_batches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -277,7 +279,7 @@ def pretrain_simclr(images: torch.Tensor, opts: dict, seed: int, out_dir=None, d
         z = model(torch.cat([v1, v2]))
         return nt_xent(z[: len(idx)], z[len(idx):], tau)
 
-    Trainer(model, cfg, out_dir, desc=desc).fit(step, lambda epoch: index_batches(len(images), bs, seed, epoch))
+    Trainer(model, cfg, out_dir, desc=desc).fit(step, lambda epoch: all_batches(len(images), bs, seed, epoch))
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

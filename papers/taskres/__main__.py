@@ -13,6 +13,7 @@ import torch
 
 from common.cli import run_cli
 from common.clip import logit_scale
+from common.data import prompt_classnames
 from common.engine import TrainConfig, classification_metrics
 from common.engine.protocols import Task, run_fewshot, run_transfer
 from common.engine.cost import random_features, report_epoch_cost
@@ -58,6 +59,18 @@ def templates_for(task: Task) -> list[str]:
     return list(extra) + [task.dataset.template]
 
 
+def check_options(cfg: dict) -> None:
+    if not isinstance(cfg.get("clean_classnames"), bool):
+        raise ValueError(f"clean_classnames must be true or false, got {cfg.get('clean_classnames')!r}")
+
+
+def prompt_names(task: Task) -> list[str]:
+    """The class names formatted into the base's prompts. `clean_classnames: false` (official): TaskRes's
+    `_get_base_text_features` formats the dataset's names verbatim, "a photo of a american_bulldog, a type of
+    pet."; true gives CoOp's cleaned names. Rows are still matched across datasets by the cleaned names."""
+    return prompt_classnames(task.dataset, clean=task.cfg["clean_classnames"])
+
+
 def train_views(task: Task) -> tuple[list[torch.Tensor], torch.Tensor]:
     n = int(task.cfg["cache_views"])
     if n < 1:
@@ -71,7 +84,7 @@ def enhanced_base(task: Task, views, labels, epochs: int) -> torch.Tensor:
     """TaskRes*'s base: an official checkpoint when `enhanced.checkpoint` names one, else the text projection
     fine-tuned here (`enhanced.epochs`, `enhanced.lr`)."""
     ecfg = task.cfg["enhanced"]
-    states = pooled_text_states(task.bundle, task.dataset.classnames, templates_for(task))
+    states = pooled_text_states(task.bundle, prompt_names(task), templates_for(task))
     if ecfg.get("checkpoint"):
         path = Path(str(ecfg["checkpoint"]).format(dataset=task.dataset.name, shots=task.shots))
         if not path.is_file():
@@ -93,7 +106,7 @@ def fit(task: Task, variant: str = "", protocol: str = "fewshot") -> TaskRes:
     if variant == "enhanced":
         base = enhanced_base(task, views, labels, epochs)
     else:
-        base = raw_text_features(task.bundle, task.dataset.classnames, templates_for(task))
+        base = raw_text_features(task.bundle, prompt_names(task), templates_for(task))
     model = TaskRes(base, logit_scale(task.bundle), s["alpha"], s["residual"], s["form"], s["reduction"])
     model = model.to(task.bundle.device)   # features are cached on CPU, trained where CLIP is
     model.classnames = list(task.dataset.classnames)   # the rows a shifted target picks from
@@ -140,6 +153,7 @@ def _fit_eval(variant: str):
 
 def train(cfg: dict) -> list[dict]:
     """few-shot TaskRes (regular and enhanced base) on every dataset x shots x seeds, ablations at ablation_shots"""
+    check_options(cfg)
     out = []
     for variant in [""] + (["enhanced"] if cfg["enhanced"]["run"] else []):
         out += run_fewshot(cfg, SLUG, SLUG, _fit_eval(variant), variant=variant)
@@ -156,6 +170,7 @@ def evaluate_cmd(cfg: dict) -> list[dict]:
 
 
 def domain_generalization(cfg: dict) -> list[dict]:
+    check_options(cfg)
     out = []
     for variant in [""] + (["enhanced"] if cfg["enhanced"]["run"] else []):
         out += run_transfer(cfg, SLUG, SLUG, "domain_generalization",

@@ -119,7 +119,9 @@ class TipAdapterF(nn.Module):
         self.register_buffer("values", values.detach().clone().float())
         self.register_buffer("clip_weights", clip_weights.detach().clone().float())
         self.register_buffer("best_keys", keys.detach().clone().float())
-        self.register_buffer("best_val", torch.tensor(-1.0))
+        # float64, as `top1` returns a Python float: in float32 a tie such as 200/3 would be stored as 66.6666641,
+        # below the next epoch's 66.6666667, and count as an improvement
+        self.register_buffer("best_val", torch.tensor(-1.0, dtype=torch.float64))
         self.alpha, self.beta, self.clip_scale = float(alpha), float(beta), float(clip_scale)
 
     def forward(self, features: torch.Tensor, alpha: float | None = None, beta: float | None = None) -> torch.Tensor:
@@ -161,7 +163,8 @@ def train_tip_f(model: TipAdapterF, views: Sequence[torch.Tensor], labels: torch
     @torch.no_grad()
     def on_epoch_end(epoch: int) -> dict:
         acc = top1(model(val_features), val_labels)
-        if acc > float(model.best_val):
+        # strict > in one precision (the official `if acc > best_acc`): the first best epoch keeps ties
+        if acc > model.best_val.item():
             model.best_val.fill_(acc)
             model.best_keys.copy_(model.keys)
         return {"val_top1": acc}

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from common.data import build_dataset, dataset_dir, list_datasets, load_image
+from common.data import build_dataset, dataset_dir, list_datasets, load_image, prompt_classnames, subsample_classes
 from common.data.real import LAYOUTS, OPENAI_IMAGENET_TEMPLATES, DatasetLayoutError
 from tests.fixtures.real_layouts import (CLASSIFICATION, IMAGENET_A_WNIDS, IMAGENET_CLASSES, IMAGENET_FAMILY,
                                          MAKERS, SPECS, make, make_eurosat, make_imagenet, make_imagenet_r)
@@ -65,6 +65,24 @@ def test_eurosat_folder_names_are_mapped_as_coop(tmp_path):
     ds = build_dataset("eurosat", make_eurosat(tmp_path, raw_names=True))
     assert ds.classnames == ["Annual Crop Land", "Forest", "Highway or Road", "Sea or Lake"]
     assert ds.train[0].impath.endswith("2750/AnnualCrop/AnnualCrop_1.jpg")
+
+
+def test_raw_classnames_are_kept_for_methods_that_format_them_verbatim(data_root, tmp_path):
+    """`classnames` stay CoOp-cleaned (every other method's input, unchanged); the split file's own spelling
+    (after CoOp's renames) is `meta["raw_classnames"]`, given by prompt_classnames(clean=False)."""
+    pets = build_dataset("oxford_pets", data_root)
+    assert pets.classnames == ["abyssinian", "american bulldog", "great pyrenees", "yorkshire terrier"]
+    assert prompt_classnames(pets) == pets.classnames
+    assert prompt_classnames(pets, clean=False) == ["abyssinian", "american_bulldog", "great_pyrenees",
+                                                    "yorkshire_terrier"]
+    caltech = build_dataset("caltech101", data_root)   # renamed folders are raw too ("Faces" -> "face")
+    assert prompt_classnames(caltech, clean=False) == ["accordion", "airplane", "dollar_bill", "face"]
+    eurosat = build_dataset("eurosat", make_eurosat(tmp_path, raw_names=True))
+    assert prompt_classnames(eurosat, clean=False) == eurosat.classnames   # NEW_CNAMES have no underscores
+    new = subsample_classes(pets, "new")                                    # the per-class list follows a subset
+    assert prompt_classnames(new, clean=False) == ["great_pyrenees", "yorkshire_terrier"]
+    assert prompt_classnames(build_dataset("imagenet", data_root), clean=False) == \
+        build_dataset("imagenet", data_root).classnames                    # CLIP's names: nothing to keep
 
 
 def test_coop_templates_and_ensembles(data_root):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from common.clip import zeroshot_classifier
-from papers.coop.method import PromptLearner, coop_logits
+from papers.coop.method import PromptLearner, coop_logits, init_phrase, variant_name
 
 NAMES = ["red square", "green_circle", "blue triangle"]
 
@@ -28,6 +28,47 @@ def test_init_from_a_photo_of_a_is_exactly_zero_shot(tiny_clip):
     assert torch.allclose(ours, zs, atol=1e-5)
     feats = torch.randn(5, tiny_clip.embed_dim)
     assert torch.allclose(coop_logits(feats, ours, 100.0), coop_logits(feats, zs, 100.0), atol=1e-3)
+
+
+def test_init_phrase_counts_words_as_the_official_code(tiny_clip):
+    """Official CoOp/CoCoOp: n_ctx = len(ctx_init.split(" ")) and the context = the first n_ctx token embeddings.
+    "itap of a" is 3 words but 4 BPE pieces (it|ap|of|a): 3 learned vectors, "a" stays frozen before the name,
+    and the initial prompt is still exactly the tokenised "itap of a {class}." (zero-shot logits)."""
+    tok = tiny_clip.tokenizer
+    ids = tok(["itap of a"])[0]
+    assert int(ids.argmax()) - 1 == 4                                  # 4 BPE pieces between SOS and EOT
+    assert init_phrase("itap_of  a") == ("itap of a", 3)
+    pl = PromptLearner(tiny_clip, NAMES, ctx_init="itap of a")
+    assert pl.n_ctx == 3 and pl.n_fixed == 1 and pl.ctx.shape[0] == 3
+    embed = pl.encoder.token_embedding
+    with torch.no_grad():
+        assert torch.equal(pl.ctx, embed(ids[None])[0, 1:4])           # it, ap, of
+        assert torch.equal(pl.token_suffix[:, 0], embed(ids[None])[0, 4].expand(3, -1))   # "a", frozen
+        ours = pl.class_embeddings()
+    zs = zeroshot_classifier(tiny_clip, [n.replace("_", " ") for n in NAMES], ["itap of a {}."], cache_dir=None)
+    assert torch.allclose(ours, zs, atol=1e-5)
+    assert variant_name({"ctx_init": "itap of a"}) == f"m{pl.n_ctx}_end_init"   # the record names the learner's M
+    m4 = PromptLearner(tiny_clip, NAMES, ctx_init="a photo of a").n_ctx
+    assert variant_name({"ctx_init": "a photo of a"}) == f"m{m4}_end_ctxv1" == "m4_end_ctxv1"
+    with pytest.raises(ValueError, match="no words"):
+        PromptLearner(tiny_clip, NAMES, ctx_init=" _ ")
+
+
+@pytest.mark.parametrize("position", ["middle", "front"])
+def test_frozen_phrase_pieces_stay_with_the_context(tiny_rn, position):
+    """With "itap of a" (learned it|ap|of, frozen a) the class name goes where the position puts it and the
+    frozen piece follows the context, e.g. middle = [SOS] it [dog] ap of a . [EOS]."""
+    pl = PromptLearner(tiny_rn, ["dog"], ctx_init="itap of a", class_token_position=position)
+    it, ap, of, a = tiny_rn.tokenizer(["itap of a"])[0, 1:5].tolist()
+    sos, dog, dot, eot = tiny_rn.tokenizer(["dog."])[0, :4].tolist()
+    order = {"middle": [sos, it, dog, ap, of, a, dot, eot], "front": [sos, dog, it, ap, of, a, dot, eot]}[position]
+    expected = torch.zeros_like(pl.token_ids)
+    expected[0, :8] = torch.tensor(order)
+    with torch.no_grad():
+        prompts = pl.construct_prompts(pl.ctx)
+        assert torch.equal(prompts[0, :8], pl.encoder.token_embedding(expected)[0, :8])
+        ref = F.normalize(pl.encoder(pl.encoder.token_embedding(expected), expected), dim=-1)
+        assert torch.allclose(pl.class_embeddings(), ref, atol=1e-5)
 
 
 def test_random_init_is_not_zero_shot_and_csc_equal_rows_is_unified(tiny_rn):

@@ -27,7 +27,7 @@ def one_thread():
         yield
 
 
-FAST = {"ssl.epochs": 1, "ssl.batch_size": 8, "ssl.res": 16, "ssl.load_size": 16, "ssl.width": 4,
+FAST = {"ssl.epochs": 1, "ssl.batch_size": 8, "ssl.res": 16, "ssl.load_size": 16, "ssl.width": 4, "feature_res": 16,
         "adapter.epochs": 3, "pseudo_label.per_class": 2, "shots": "[1]", "datasets": "[toy]"}
 
 
@@ -79,6 +79,67 @@ def test_tune_lambda_on_val_with_ties_to_clip():
     assert tune_lambda(clip, clip, torch.tensor([1, 1, 1]), 0.05) == 1.0  # all wrong: lambda = 1
     with pytest.raises(ValueError, match="validation"):
         tune_lambda(clip[:0], ssl[:0], labels[:0])
+
+
+def test_pseudo_labels_rare_class_takes_its_best_image_even_from_another_class():
+    """Official generate_clip_pseudolabels.py: a never-predicted class takes its most probable image among all
+    images (`pred_df`, not only the unpicked ones); the class that had picked it loses it (no replacement)."""
+    probs = torch.tensor([[0.50, 0.10, 0.40],    # class 0's best pick, and class 2's most probable image
+                          [0.60, 0.30, 0.10],    # class 0's second pick
+                          [0.45, 0.35, 0.20],    # class 0, third (not picked at per_class=2)
+                          [0.10, 0.80, 0.10],
+                          [0.20, 0.70, 0.10]])
+    idx, lab = pseudo_labels(probs.log(), per_class=2)
+    assert dict(zip(idx.tolist(), lab.tolist())) == {0: 2, 1: 0, 3: 1, 4: 1}   # class 0 keeps only image 1
+    assert idx.tolist() == sorted(idx.tolist())
+    # two never-predicted classes never share an image: class 2 (index order) first, class 1 its next best
+    probs = torch.tensor([[0.5, 0.2, 0.3], [0.6, 0.25, 0.15]])
+    idx, lab = pseudo_labels(probs.log(), per_class=2)
+    assert dict(zip(idx.tolist(), lab.tolist())) == {0: 2, 1: 1}
+    idx, lab = pseudo_labels(torch.tensor([[2.0, 0.0, 0.0]]), per_class=2)   # more classes than images
+    assert dict(zip(idx.tolist(), lab.tolist())) == {0: 1}
+
+
+def test_adapter_and_simclr_batches_keep_the_last_partial_batch(monkeypatch, tmp_path):
+    """Official loaders are DataLoader(shuffle=True) without drop_last: every sample is seen every epoch."""
+    import papers.svl_adapter.method as svl_method
+    import papers.svl_adapter.ssl as svl_ssl
+
+    b = svl_method.all_batches(10, 4, seed=3, epoch=2)
+    assert [len(i) for i in b] == [4, 4, 2] and sorted(torch.cat(b).tolist()) == list(range(10))
+    assert torch.equal(torch.cat(b), torch.cat(svl_method.index_batches(10, 10, 3, 2)))   # the engine's shuffle
+    seen = []
+
+    def spy(n, bs, seed, epoch):
+        out = svl_method.index_batches(n, n, seed, epoch)[0].split(bs)
+        seen.append(sorted(torch.cat(out).tolist()))
+        return list(out)
+
+    monkeypatch.setattr(svl_method, "all_batches", spy)
+    fit_adapter(torch.randn(10, 6), torch.arange(2).repeat(5), 2, {"hidden": 4, "epochs": 2, "batch_size": 4,
+                                                                    "lr": 1e-2}, seed=1)
+    assert seen == [list(range(10))] * 2
+    monkeypatch.setattr(svl_ssl, "all_batches", spy)
+    seen.clear()
+    opts = {"arch": "resnet_tiny", "init": "scratch", "width": 4, "layers": [1, 1, 1, 1], "stem_stride": 1,
+            "res": 16, "epochs": 1, "batch_size": 4, "lr_mult": 0.3, "weight_decay": 5e-4, "temperature": 0.5,
+            "proj_hidden": 16, "proj_dim": 8, "crop_scale": [0.2, 1.0], "color_strength": 0.5}
+    pretrain_simclr(torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8), opts, seed=1)
+    assert seen == [list(range(7))]
+
+
+def test_ssl_features_are_extracted_at_feature_res_not_the_simclr_size(monkeypatch):
+    """Official: SimCLR trains on 112 px crops (ssl_pretraining.py --im_res 112), features are extracted at
+    feature_extraction.py's --im_res, default 224."""
+    real = load_config(svl.CONFIG, "real")
+    assert (real["ssl"]["res"], real["feature_res"]) == (112, 224)
+    got = {}
+    monkeypatch.setattr(svl, "ssl_encoder", lambda cfg, name: (None, "enc"))
+    monkeypatch.setattr(svl, "ssl_features", lambda enc, name, split, items, res, encoder_id: got.update(res=res))
+    svl._ssl_feats(real, "toy", "test", [])
+    assert got["res"] == 224
+    with pytest.raises(ValueError, match="feature_res"):
+        svl._check({**real, "feature_res": 0})
 
 
 def test_pseudo_labels_pick_most_confident_and_cover_every_class():

@@ -134,6 +134,31 @@ def test_settings_layering():
         tr.settings(bad, "dtd", "x")
 
 
+def test_base_prompts_use_the_class_names_verbatim_as_official(tmp_path, tiny_rn, monkeypatch):
+    """Official trainers/taskres.py formats `classnames` unchanged into CUSTOM_TEMPLATES ("a photo of a
+    american_bulldog, a type of pet."), where CoOp's data layer cleans them for the other methods."""
+    from common.data import build_dataset, fewshot_split
+    from common.engine.protocols import Task
+    from tests.fixtures.real_layouts import make
+
+    root = make("oxford_pets", tmp_path / "DATA")
+    ds = fewshot_split(build_dataset("oxford_pets", root), 1, 1)
+    assert "american bulldog" in ds.classnames                      # the data layer's (CoOp's) cleaned names
+    cfg = {**load_config(tr.CONFIG, "embedded", ["cache_views=1", "train.epochs=1"]), "shots": [1]}
+    seen = []
+    monkeypatch.setattr(tr, "raw_text_features", lambda b, names, templates: seen.append(
+        [t.format(c) for c in names for t in templates]) or raw_text_features(b, names, templates))
+    model = tr.fit(Task(cfg, tiny_rn, ds, 1, 1, None), "")
+    assert "a photo of a american_bulldog, a type of pet." in seen[0]
+    assert model.classnames == ds.classnames                        # rows still matched by the cleaned names
+    assert torch.equal(model.base, raw_text_features(tiny_rn, ["abyssinian", "american_bulldog", "great_pyrenees",
+                                                                "yorkshire_terrier"], [ds.template]).to(model.base))
+    clean = Task({**cfg, "clean_classnames": True}, tiny_rn, ds, 1, 1, None)
+    assert tr.prompt_names(clean) == ds.classnames
+    with pytest.raises(ValueError, match="clean_classnames"):
+        tr.check_options({**cfg, "clean_classnames": "no"})
+
+
 def test_reproduce_smoke_and_base_is_zero_shot(tmp_path, tiny_rn):
     args = toy_overrides(tmp_path, tiny_rn, {"shots": "[1]", "cache_views": 1, "dg_shots": 1,
                                              "epochs_by_shots": "{1: 2}", "dg.epochs": 2, "enhanced.epochs": 2,

@@ -111,6 +111,29 @@ def test_tip_f_training_keeps_the_best_validation_epoch(tmp_path):
         train_tip_f(TipAdapterF(keys, values, w, 1.0, 1.0), views, y, xv[:0], yv[:0], tcfg)
 
 
+def test_tip_f_keeps_the_first_of_tied_validation_epochs(monkeypatch):
+    """Ties are common on small val sets: every epoch scores 200/3 % here (2 of 3 right). The official strict `>`
+    keeps the first epoch; a float32 best (66.6666641 < 66.6666667) took every later tie as an improvement."""
+    import papers.tip_adapter.method as tip_method
+
+    views, y, xv, yv, w = _toy_problem(seed=2)
+    keys, values = build_cache(views, y, 3)
+    model = TipAdapterF(keys, values, w, alpha=2.0, beta=1.0)
+    seen, tie = [], float(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64).mean() * 100)   # as `top1`: 66.666...
+
+    def tied_top1(logits, labels):
+        seen.append(model.keys.detach().clone())   # the keys this epoch is scored with
+        return tie
+
+    monkeypatch.setattr(tip_method, "top1", tied_top1)
+    tcfg = TrainConfig(epochs=3, lr=0.05, optimizer="adamw", warmup_epochs=0, schedule_unit="iter")
+    hist = train_tip_f(model, views, y, xv, yv, tcfg, batch_size=4, threads=1)
+    assert [h["val_top1"] for h in hist] == [tie] * 3 and len(seen) == 3
+    assert not torch.equal(seen[0], seen[2])                  # the epochs differ, so the choice matters
+    assert torch.equal(model.keys.detach(), seen[0])          # the first of the tied epochs is kept
+    assert model.best_val.item() == tie                       # stored without rounding
+
+
 def test_iteration_cosine_matches_torch_cosine_annealing():
     """-F's schedule: CosineAnnealingLR(T_max = epochs * iterations) stepped every iteration."""
     tcfg = TrainConfig(epochs=3, lr=1e-3, optimizer="adamw", warmup_epochs=0, schedule_unit="iter")

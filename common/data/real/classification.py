@@ -3,7 +3,9 @@
 Nine read CoOp's `split_zhou_*.json` (train/val/test with [relpath, label, classname]); FGVC-Aircraft
 reads the dataset's own `images_variant_{train,val,test}.txt` and `variants.txt`, as CoOp does. Class
 names are cleaned as CoOp's prompts see them (underscores -> spaces); EuroSAT and Caltech101 apply
-CoOp's renaming if a split file still carries the folder names.
+CoOp's renaming if a split file still carries the folder names. The names as the files spell them (after
+that renaming) are kept in `meta["raw_classnames"]` for methods whose official code formats them verbatim
+(`common.data.prompt_classnames`).
 """
 from __future__ import annotations
 
@@ -44,14 +46,19 @@ def read_coop_split(name: str, root: Path, image_dir: Path, split_file: str,
         raise ValueError(f"dataset {name!r}: {err}") from err
     check_listed([d.impath for s in splits.values() for d in s], name, split_path)
     rename = rename or {}
+    raw_of: dict[int, str] = {}   # label -> the name as the split file spells it (after CoOp's renaming)
     for key, items in splits.items():
+        for d in items:
+            raw_of.setdefault(d.label, rename.get(d.classname, d.classname))
         splits[key] = [replace(d, classname=clean_classname(rename.get(d.classname, d.classname))) for d in items]
     try:
         classnames = classnames_from(splits["train"] + splits["val"] + splits["test"])
     except ValueError as err:
         raise ValueError(f"dataset {name!r}: split file {split_path}: {err}") from err
+    raw = [raw_of[i] for i in range(len(classnames))]
     return Dataset(name=name, classnames=classnames, template=COOP_TEMPLATES[name], train=splits["train"],
-                   val=splits["val"], test=splits["test"], meta={"split_file": str(split_path), **meta})
+                   val=splits["val"], test=splits["test"],
+                   meta={"split_file": str(split_path), "raw_classnames": raw, **meta})
 
 
 @real_dataset("caltech101", "caltech-101", """
@@ -178,7 +185,7 @@ def build_fgvc_aircraft(root: Path) -> Dataset:
         splits[split] = items
     return Dataset(name=name, classnames=[clean_classname(c) for c in classnames], template=COOP_TEMPLATES[name],
                    train=splits["train"], val=splits["val"], test=splits["test"],
-                   meta={"split_file": str(root / "images_variant_{train,val,test}.txt")})
+                   meta={"split_file": str(root / "images_variant_{train,val,test}.txt"), "raw_classnames": classnames})
 
 
 __all__ = ["CALTECH101_CLASSNAMES", "DatasetLayoutError", "EUROSAT_CLASSNAMES", "layout_help", "read_coop_split"]
