@@ -27,7 +27,7 @@ def test_report_content_and_byte_determinism(tmp_path):
     for needle in ["# zeroshot_clip: replication report", "[2103.00020](https://arxiv.org/abs/2103.00020)",
                    "[openai/CLIP](https://github.com/openai/CLIP)", "Absolute numbers are not comparable with the paper",
                    "claims are judged on relative differences", "58.18 †", "| Tip-Adapter Table 2 |",
-                   "Embedded profile: 4 reproduced, 0 not reproduced, 0 not testable, of 4 claims.",
+                   "Embedded profile: 3 reproduced, 0 not reproduced, 1 not testable, of 4 claims.",
                    "### fewshot · tiny-rn · top-1 accuracy (%)", "| linear_probe | 16 | 48.00 ± 1.00 |",
                    "Decided by: 7.50 < 18.00 → true", "## Real profile", "Not run here",
                    "python -m papers.zeroshot_clip reproduce --profile real --set data_root=/path/to/DATA",

@@ -275,12 +275,14 @@ def test_duplicate_runs_prefer_the_methods_own_folder(tmp_path):
 
 
 @pytest.mark.parametrize("slug, expected", [
-    ("zeroshot_clip", [REPRODUCED, REPRODUCED, REPRODUCED, REPRODUCED]),
-    ("linear_probe", [REPRODUCED, REPRODUCED, REPRODUCED, NOT_REPRODUCED]),
+    ("zeroshot_clip", [REPRODUCED, NOT_TESTABLE, REPRODUCED, REPRODUCED]),
+    ("linear_probe", [REPRODUCED, REPRODUCED, REPRODUCED, INCONCLUSIVE]),
 ])
 def test_baseline_claims_on_a_hand_made_world(tmp_path, slug, expected):
-    # world(): LP-16 58 > ZS 50; LP-1 30 < 50; LP curve increasing; LP targets 34.0 > ZS targets 32.5 (so the
-    # "worse under shift" claim is not reproduced there); ensemble 52 >= single 50; ZS drop 7.5 < LP drop 18.
+    # world(): LP-16 58 > ZS 50; LP-1 30 < 50; LP curve increasing; ensemble 52 > single 50; ZS drop 7.5 < LP
+    # drop 18. "above chance" is untestable (near-chance datasets are left out, so it could not fail). LP
+    # targets 34.0 > ZS targets 32.5 on average but 28 < 30 on -sketch: resampling the two targets keeps the
+    # "worse under shift" claim inside the noise (inconclusive).
     world(tmp_path)
     p = load_paper(REPO / "papers" / slug)
     got = [v.status for v in evaluate_paper(p, load_records(tmp_path), "embedded")]
