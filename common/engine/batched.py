@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .train import TrainConfig, index_batches, lr_at
@@ -195,6 +196,7 @@ class BatchedTrainer:
         self.history: list[list[dict]] = [[] for _ in self.runs]
         self.evals: list[list[dict]] = [[] for _ in self.runs]
         self._acc: list[dict] = [{} for _ in self.runs]      # sums of the current epoch's losses/logs per run
+        self._epoch_start = [time.time()] * len(self.runs)
         self.resumed_at = 0
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -292,8 +294,11 @@ class BatchedTrainer:
             epoch, i = run.position(t)
             if i == run.batches_per_epoch - 1:     # the run's epoch ends: one history row, as the Trainer writes
                 n = acc.pop("n")
-                row = {"epoch": epoch + 1, "step": t + 1, "lr": lr_at(run.cfg, epoch)}
+                now = time.time()
+                row = {"epoch": epoch + 1, "step": t + 1, "lr": lr_at(run.cfg, epoch),
+                       "wall_s": round(now - self._epoch_start[r], 4)}   # shared with the runs trained alongside
                 row.update({k: v / n for k, v in acc.items()})
+                self._epoch_start[r] = now
                 self.history[r].append(row)
                 self._acc[r] = {}
 
@@ -332,3 +337,60 @@ def scatter_runs(values: torch.Tensor, live: Sequence[int], n_runs: int) -> torc
     """(A,) values of the active runs placed into an (R,) vector (zeros for the others, gradients kept)."""
     return torch.zeros(n_runs, dtype=values.dtype, device=values.device).index_put(
         (torch.tensor(list(live), device=values.device),), values)
+
+
+def fit_modules(modules: Sequence[nn.Module], views: Sequence[Sequence[torch.Tensor]], labels: Sequence[torch.Tensor],
+                cfgs: Sequence[TrainConfig], batch_size: int, out_dir: str | Path | None = None, desc: str = "train",
+                eval_fn: Callable[[Sequence[nn.Module]], torch.Tensor] | None = None, eval_every: int = 0
+                ) -> BatchedTrainer:
+    """Cross-entropy training of R modules of one architecture (trainable tensors of equal shapes, e.g. one
+    adapter per seed and shot count) on their own cached feature views, as one batched model: the modules'
+    trainable tensors and buffers are stacked and ``torch.func.vmap`` runs the first module's forward over
+    them. Epoch e of run r uses view e % len(views[r]) and `index_batches` of (seed, e), as the single-run
+    `Trainer` does; the trained slices are written back into the modules."""
+    from torch.func import functional_call, vmap
+
+    R = len(modules)
+    template = modules[0]
+    names = [n for n, p in template.named_parameters() if p.requires_grad]
+    shapes = {n: p.shape for n, p in template.named_parameters()}
+    for m in modules[1:]:
+        other = {n: p.shape for n, p in m.named_parameters()}
+        if other != shapes:
+            raise ValueError("fit_modules trains modules of one architecture: parameter shapes differ")
+    stacked = {n: stack_parameters([m.get_parameter(n) for m in modules]) for n in names}
+    frozen = {n: torch.stack([m.get_parameter(n).detach() for m in modules])
+              for n, p in template.named_parameters() if not p.requires_grad}
+    buffers = {n: torch.stack([m.get_buffer(n) for m in modules]) for n, _ in template.named_buffers()}
+    runs = [RunSchedule(cfg, len(y), batch_size, label=str(i)) for i, (cfg, y) in enumerate(zip(cfgs, labels))]
+    forward = vmap(lambda state, x: functional_call(template, state, (x,)))
+
+    def step(batches):
+        idx, mask, live = pad_batches(batches)
+        xs = torch.stack([views[r][batches[r].epoch % len(views[r])][idx[i]] for i, r in enumerate(live)])
+        ys = torch.stack([labels[r][idx[i]] for i, r in enumerate(live)])
+        state = {**{n: w[live] for n, w in stacked.items()}, **{n: w[live] for n, w in frozen.items()},
+                 **{n: b[live] for n, b in buffers.items()}}
+        logits = forward(state, xs)                                              # (A, B, C)
+        ce = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="none").view(len(live), -1)
+        acc = ((logits.argmax(-1) == ys).float() * 100)
+        return scatter_runs(masked_mean(ce, mask), live, R), {"acc": scatter_runs(masked_mean(acc, mask), live, R)}
+
+    def write_back():
+        with torch.no_grad():
+            for r, m in enumerate(modules):
+                for n, w in stacked.items():
+                    m.get_parameter(n).copy_(w[r])
+
+    def evaluate():
+        write_back()
+        return eval_fn(modules)
+
+    for m in modules:
+        m.train()
+    trainer = BatchedTrainer(list(stacked.values()), runs, out_dir, desc=desc)
+    trainer.fit(step, evaluate if eval_fn is not None else None, eval_every)
+    write_back()
+    for m in modules:
+        m.eval()
+    return trainer

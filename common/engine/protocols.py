@@ -6,6 +6,7 @@ interrupted `reproduce` continues where it stopped), and writes one run record p
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -80,13 +81,31 @@ def _finish(rec: dict, out_dir) -> dict:
     return rec
 
 
-def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], dict[str, float]],
+class BatchedFit:
+    """A method that can train several runs at once (common.engine.batched): ``fit_many(tasks) -> states``
+    and ``evaluate(state, task) -> metrics``. Protocols give it every pending run of one dataset together."""
+
+    def __init__(self, fit_many: Callable[[list[Task]], list], evaluate: Callable[[Any, Task], dict[str, float]]):
+        self.fit_many, self.evaluate = fit_many, evaluate
+
+
+def group_dir(cfg, paper, protocol, dataset, method, variant, cells) -> Path:
+    """Checkpoint folder of a batch of runs (cells = [(shots, seed), ...]) trained together."""
+    tag = "group-" + "_".join(f"k{k}s{s}" for k, s in cells)
+    return run_dir("_checkpoints", protocol, cfg["profile"], dataset, cfg["arch"], method, None, 0, variant,
+                   root=runs_root() / paper).parent / tag
+
+
+def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], dict[str, float]] | BatchedFit,
                 variant: str = "", datasets: list[str] | None = None, shots: list[int] | None = None,
                 seeds: list[int] | None = None) -> list[dict]:
-    """K-shot training on each dataset's train split, top-1 on its full test split."""
+    """K-shot training on each dataset's train split, top-1 on its full test split. A :class:`BatchedFit`
+    trains the pending runs of each dataset (shot counts x seeds) as one batched model."""
     datasets = datasets or cfg["datasets"]
     jobs = [(d, k, s) for d in datasets for k in (shots or cfg["shots"]) for s in (seeds or cfg["seeds"])]
     bundle = bundle_for(cfg)
+    if isinstance(fit_eval, BatchedFit):
+        return _fewshot_batched(cfg, paper, method, fit_eval, variant, jobs, bundle)
     out = []
     for name, k, seed in tqdm(jobs, desc=f"{paper}/{method} few-shot"):
         if _exists(cfg, paper, "fewshot", name, method, k, seed, variant):
@@ -103,29 +122,72 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
     return out
 
 
+def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle) -> list[dict]:
+    out = []
+    for name in tqdm(list(dict.fromkeys(d for d, _, _ in jobs)), desc=f"{paper}/{method} few-shot (batched)"):
+        cells = [(k, s) for d, k, s in jobs if d == name and not _exists(cfg, paper, "fewshot", d, method, k, s, variant)]
+        if not cells:
+            continue
+        t0 = time.time()
+        full = build_dataset(name, cfg["data_root"])
+        tasks = [Task(cfg, bundle, fewshot_split(full, k, s), k, s,
+                      checkpoint_dir(cfg, paper, "fewshot", name, method, k, s, variant)) for k, s in cells]
+        states = _fit_all(SimpleNamespace(many=fit.fit_many), tasks,
+                          group_dir(cfg, paper, "fewshot", name, method, variant, cells))
+        wall = (time.time() - t0) / len(tasks)      # the group's time, shared by its runs
+        for task, state in zip(tasks, states):
+            values = fit.evaluate(state, task)
+            rec = _record(cfg, paper, method, variant, "fewshot", name, name, task.shots, task.seed, values, wall,
+                          full.num_classes)
+            out.append(_finish(rec, task.out_dir))
+    return out
+
+
+def _fit_all(fit, tasks: list[Task], group: Path) -> list:
+    """Train the runs of one dataset: together when `fit` has a `many` (a batched model), else one by one."""
+    many = getattr(fit, "many", None)
+    if many is not None:
+        for t in tasks:
+            t.extra["group_dir"] = group
+        states = many(tasks)
+        (group / "checkpoint.pt").unlink(missing_ok=True)
+        return states
+    states = []
+    for t in tasks:
+        seed_everything(t.seed)
+        states.append(fit(t))
+    return states
+
+
 def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any],
                    evaluate: Callable[[Any, Task], dict[str, float]], variant: str = "",
                    datasets: list[str] | None = None, shots: int = 16, seeds: list[int] | None = None) -> list[dict]:
-    """CoCoOp's protocol: train on K-shot base classes, test on base and novel classes; HM."""
+    """CoCoOp's protocol: train on K-shot base classes, test on base and novel classes; HM. The seeds of a
+    dataset train together when `fit` can batch runs (`fit.many`)."""
     datasets = datasets or cfg["datasets"]
     bundle = bundle_for(cfg)
     out = []
-    for name, seed in tqdm([(d, s) for d in datasets for s in (seeds or cfg["seeds"])],
-                           desc=f"{paper}/{method} base2novel"):
-        if _exists(cfg, paper, "base2novel", name, method, shots, seed, variant):
+    for name in tqdm(datasets, desc=f"{paper}/{method} base2novel"):
+        todo = [s for s in (seeds or cfg["seeds"]) if not _exists(cfg, paper, "base2novel", name, method, shots, s, variant)]
+        if not todo:
             continue
         t0 = time.time()
-        full = fewshot_split(build_dataset(name, cfg["data_root"]), shots, seed)
-        ckpt = checkpoint_dir(cfg, paper, "base2novel", name, method, shots, seed, variant)
-        base = Task(cfg, bundle, subsample_classes(full, "base"), shots, seed, ckpt)
-        novel = Task(cfg, bundle, subsample_classes(full, "new"), shots, seed, ckpt)
-        seed_everything(seed)
-        state = fit(base)
-        b = evaluate(state, base)["top1"]
-        n = evaluate(state, novel)["top1"]
-        rec = _record(cfg, paper, method, variant, "base2novel", name, name, shots, seed,
-                      {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)}, time.time() - t0, full.num_classes)
-        out.append(_finish(rec, ckpt))
+        data = build_dataset(name, cfg["data_root"])
+        pairs = []
+        for seed in todo:
+            full = fewshot_split(data, shots, seed)
+            ckpt = checkpoint_dir(cfg, paper, "base2novel", name, method, shots, seed, variant)
+            pairs.append((Task(cfg, bundle, subsample_classes(full, "base"), shots, seed, ckpt),
+                          Task(cfg, bundle, subsample_classes(full, "new"), shots, seed, ckpt)))
+        states = _fit_all(fit, [b for b, _ in pairs], group_dir(cfg, paper, "base2novel", name, method, variant,
+                                                                 [(shots, s) for s in todo]))
+        wall = (time.time() - t0) / len(todo)
+        for (base, novel), state in zip(pairs, states):
+            b = evaluate(state, base)["top1"]
+            n = evaluate(state, novel)["top1"]
+            rec = _record(cfg, paper, method, variant, "base2novel", name, name, shots, base.seed,
+                          {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)}, wall, data.num_classes)
+            out.append(_finish(rec, base.out_dir))
     return out
 
 
@@ -133,27 +195,29 @@ def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callabl
                  evaluate: Callable[[Any, Task], dict[str, float]], source: str, targets: list[str],
                  variant: str = "", shots: int | None = 16, seeds: list[int] | None = None) -> list[dict]:
     """Train once on `source` (K-shot, all classes), evaluate on the source and every target with the
-    target's own class names: cross-dataset (`cross_dataset`) or domain generalisation (`domain_generalization`)."""
+    target's own class names: cross-dataset (`cross_dataset`) or domain generalisation (`domain_generalization`).
+    The seeds train together when `fit` can batch runs (`fit.many`)."""
     if protocol not in ("cross_dataset", "domain_generalization"):
         raise ValueError(f"run_transfer protocol must be cross_dataset or domain_generalization, got {protocol!r}")
     bundle = bundle_for(cfg)
+    names = [source] + [t for t in targets if t != source]
+    todo = [s for s in (seeds or cfg["seeds"])
+            if not all(_exists(cfg, paper, protocol, t, method, shots, s, variant, source) for t in names)]
+    if not todo:
+        return []
+    t0 = time.time()
+    full = build_dataset(source, cfg["data_root"])
+    tasks = [Task(cfg, bundle, fewshot_split(full, shots, s) if shots else full, shots, s,
+                  checkpoint_dir(cfg, paper, protocol, source, method, shots, s, variant)) for s in todo]
+    states = _fit_all(fit, tasks, group_dir(cfg, paper, protocol, source, method, variant, [(shots, s) for s in todo]))
+    targets_ds = {name: build_dataset(name, cfg["data_root"]) for name in names if name != source}
     out = []
-    for seed in tqdm(seeds or cfg["seeds"], desc=f"{paper}/{method} {protocol}"):
-        names = [source] + [t for t in targets if t != source]
-        if all(_exists(cfg, paper, protocol, t, method, shots, seed, variant, source) for t in names):
-            continue
-        t0 = time.time()
-        full = build_dataset(source, cfg["data_root"])
-        src = fewshot_split(full, shots, seed) if shots else full
-        task = Task(cfg, bundle, src, shots, seed, checkpoint_dir(cfg, paper, protocol, source, method, shots, seed,
-                                                                   variant))
-        seed_everything(seed)
-        state = fit(task)
+    for task, state in tqdm(list(zip(tasks, states)), desc=f"{paper}/{method} {protocol}"):
         for name in names:
-            ds = src if name == source else build_dataset(name, cfg["data_root"])
-            values = evaluate(state, Task(cfg, bundle, ds, shots, seed, task.out_dir))
-            rec = _record(cfg, paper, method, variant, protocol, name, source, shots, seed, values, time.time() - t0,
-                          ds.num_classes)
+            ds = task.dataset if name == source else targets_ds[name]
+            values = evaluate(state, Task(cfg, bundle, ds, shots, task.seed, task.out_dir))
+            rec = _record(cfg, paper, method, variant, protocol, name, source, shots, task.seed, values,
+                          (time.time() - t0) / len(todo), ds.num_classes)
             out.append(_finish(rec, task.out_dir if name == names[-1] else None))
     return out
 

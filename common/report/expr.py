@@ -462,6 +462,11 @@ class Expression:
     def _cmp_pick(self, node, p: Pick, sym: str, name) -> Truth:
         if sym not in ("==", "!="):
             raise self._err(node, f"cannot order {_kind(p)} and {_kind(name)}")
+        if isinstance(name, Pick):       # argmax(a) == argmax(b): the same key, as firmly as the looser pick
+            same = np.array([x is not None and norm(x) == norm(y) for x, y in zip(p.chosen(), name.chosen())])
+            firm = np.minimum(_top_gap(p), _top_gap(name))
+            t = _truth(same, np.where(same, firm, -firm))
+            return t if sym == "==" else Truth(~t.value, -t.margin)
         idx = next((i for i, k in enumerate(p.keys) if norm(k) == norm(name)
                     or (isinstance(k, (int, float)) and not isinstance(name, str) and k == name)), None)
         B = p.matrix.shape[0]
@@ -558,6 +563,14 @@ def _constant_value(node) -> float | None:
         if a is not None and b is not None:
             return {ast.Mult: a * b, ast.Div: a / b if b else math.inf, ast.Add: a + b, ast.Sub: a - b}[type(node.op)]
     return None
+
+
+def _top_gap(p: Pick) -> np.ndarray:
+    """How far the chosen element is ahead of the runner-up (inf with one element)."""
+    if p.matrix.shape[1] < 2:
+        return np.full(p.matrix.shape[0], math.inf)
+    s = np.sort(p.matrix, axis=1)
+    return (s[:, -1] - s[:, -2]) if p.kind == "argmax" else (s[:, 1] - s[:, 0])
 
 
 def _divide(a, b):

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.clip import ClipBundle, tokenize
-from common.engine import TrainConfig, Trainer, index_batches
+from common.engine import TrainConfig
+from common.engine.batched import fit_modules
 from common.engine.threads import torch_threads
 
 BRANCHES = ("visual", "text", "both")
@@ -101,21 +102,25 @@ class ClipAdapter(nn.Module):
 def train_on_views(module: nn.Module, views: Sequence[torch.Tensor], labels: torch.Tensor, tcfg: TrainConfig,
                    batch_size: int, out_dir=None, desc: str = "train", threads: int | None = None) -> list[dict]:
     """Cross-entropy training of `module(features) -> logits` on cached augmented views: epoch e uses view
-    e % len(views) (the encoder is frozen, so this replaces re-encoding freshly augmented images)."""
-    if not views:
-        raise ValueError("train_on_views needs at least one cached view of the training features")
-    if any(len(v) != len(labels) for v in views):
-        raise ValueError(f"every view must hold {len(labels)} features, got {[len(v) for v in views]}")
-    views = [v.float() for v in views]
-    n = len(labels)
+    e % len(views) (the encoder is frozen, so this replaces re-encoding freshly augmented images).
+    One run of `train_on_views_many`."""
+    return train_on_views_many([module], [views], [labels], [tcfg], batch_size, out_dir, desc, threads)[0]
 
-    def batches(epoch: int):
-        x = views[epoch % len(views)]
-        return [(x[idx], labels[idx]) for idx in index_batches(n, batch_size, tcfg.seed, epoch)]
 
-    def step(batch):
-        x, y = batch
-        return F.cross_entropy(module(x), y)
-
+def train_on_views_many(modules: Sequence[nn.Module], views: Sequence[Sequence[torch.Tensor]],
+                        labels: Sequence[torch.Tensor], tcfgs: Sequence[TrainConfig], batch_size: int, out_dir=None,
+                        desc: str = "train", threads: int | None = None, eval_fn=None, eval_every: int = 0
+                        ) -> list[list[dict]]:
+    """`train_on_views` for R modules of one architecture at once (seeds, shot counts): one batched model
+    (common.engine.batched.fit_modules), each run exactly as it would train alone. Returns each run's history."""
+    for v, y in zip(views, labels):
+        if not v:
+            raise ValueError("train_on_views needs at least one cached view of the training features")
+        if any(len(x) != len(y) for x in v):
+            raise ValueError(f"every view must hold {len(y)} features, got {[len(x) for x in v]}")
     with torch_threads(threads):
-        return Trainer(module, tcfg, out_dir, desc=desc).fit(step, batches)
+        trainer = fit_modules(modules, [[x.float() for x in v] for v in views], labels, tcfgs, batch_size, out_dir,
+                              desc, eval_fn, eval_every)
+    for m, ev in zip(modules, trainer.evals):
+        m.val_history = ev
+    return trainer.history

@@ -20,7 +20,7 @@ from common.engine.threads import torch_threads
 from common.paths import runs_root
 from papers.coop.method import PROMPT_FILE, Fitter, load_learner
 
-from .method import CoCoOpPromptLearner, evaluate, step_cost, train_cocoop
+from .method import CoCoOpPromptLearner, evaluate, step_cost, train_cocoop, train_cocoop_many
 
 SLUG = "cocoop"
 CONFIG = Path(__file__).with_name("config.yaml")
@@ -31,9 +31,15 @@ def variant(cfg: dict) -> str:
     return cfg.get("variant") or ""
 
 
+def fitter(cfg: dict) -> Fitter:
+    """CoCoOp runs of one dataset train as one batched model (seeds together)."""
+    return Fitter(cfg, train_cocoop,
+                  train_many=lambda tasks, c: train_cocoop_many(tasks, c, out_dir=tasks[0].extra.get("group_dir")))
+
+
 def train(cfg: dict, fit: Fitter | None = None) -> list[dict]:
     """base-to-novel on every dataset x seeds (train on base classes, test base and novel); writes run records"""
-    return run_base2novel(cfg, SLUG, SLUG, fit or Fitter(cfg, train_cocoop), evaluate, variant=variant(cfg),
+    return run_base2novel(cfg, SLUG, SLUG, fit or fitter(cfg), evaluate, variant=variant(cfg),
                           shots=int(cfg["b2n_shots"]))
 
 
@@ -59,7 +65,7 @@ def eval_(cfg: dict) -> list[dict]:
 
 def reproduce(cfg: dict) -> None:
     """base-to-novel on every dataset, cross-dataset transfer and domain generalisation"""
-    fit = Fitter(cfg, train_cocoop)
+    fit = fitter(cfg)
     for protocol in cfg["reproduce"]["protocols"]:
         if protocol == "base2novel":
             train(cfg, fit)

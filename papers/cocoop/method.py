@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.clip import ClipBundle, logit_scale
-from common.engine import Trainer, classification_metrics
+from common.clip.text import encode_shared_prefix, shared_prefix_supported
+from common.engine import classification_metrics
 from common.engine.protocols import Task
 from common.engine.threads import torch_threads
-from papers.coop.method import PromptLearner, encode_prompts, feature_batches, option, train_config, train_views
+from papers.coop.method import PromptLearner, encode_prompts, option, train_config, train_coop_many
 
 
 class CoCoOpPromptLearner(PromptLearner):
@@ -52,10 +53,24 @@ class CoCoOpPromptLearner(PromptLearner):
 
     def text_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """(B, K, D) normalised class embeddings of each image's own prompts, all B x K in one pass."""
-        prompts = self.construct_prompts_batched(self.conditional_context(image_features))  # (B, K, L, d)
+        ctx = self.conditional_context(image_features)
+        if shared_prefix_supported(self.encoder) and self.position == "end":
+            return self.encode_image_prompts(ctx)
+        prompts = self.construct_prompts_batched(ctx)  # (B, K, L, d)
         B, K, L, d = prompts.shape
         text = encode_prompts(self.encoder, prompts.reshape(B * K, L, d), self.token_ids.repeat(B, 1))
         return F.normalize(text, dim=-1).view(B, K, -1)
+
+    def encode_image_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(B, K, D) normalised features of the prompts [SOS][ctx_b][CLASS_k . EOS]: each image's SOS + context
+        is encoded once and shared by the K class names (the shared-prefix encoder, exact)."""
+        B = ctx.shape[0]
+        P = 1 + self.n_ctx
+        eot = self.token_ids.argmax(-1) - P
+        S = int(eot.max()) + 1
+        prefix = torch.cat([self.token_prefix[:1].expand(B, -1, -1), ctx.to(self.token_prefix.dtype)], dim=1)
+        suffix = self.token_suffix[:, :S].unsqueeze(0).expand(B, -1, -1, -1)
+        return F.normalize(encode_shared_prefix(self.encoder, prefix, suffix, eot), dim=-1)
 
     def logits(self, image_features: torch.Tensor, scale: float, max_prompts: int | None = None,
                progress: bool = False) -> torch.Tensor:
@@ -84,21 +99,35 @@ def cocoop_loss(learner: CoCoOpPromptLearner, image_features: torch.Tensor, labe
 def train_cocoop(task: Task, cfg: dict, learner: CoCoOpPromptLearner | None = None,
                  desc: str | None = None) -> CoCoOpPromptLearner:
     """Train context + Meta-Net on `task`'s few-shot train split (cached features); returns the learner."""
-    learner = learner if learner is not None else build_learner(task.bundle, task.dataset.classnames, cfg)
-    feats, labels = train_views(task, cfg)
-    feats, labels = feats.to(task.bundle.device), labels.to(task.bundle.device)
-    tcfg = train_config(cfg, task, epochs=int(cfg.get("epochs") or 10))
-    scale = logit_scale(task.bundle)
-    trainer = Trainer(learner, tcfg, task.out_dir, desc=desc or f"cocoop {task.dataset.name} k{task.shots}")
+    return train_cocoop_many([task], cfg, None if learner is None else [learner], desc=desc, out_dir=task.out_dir)[0]
 
-    def step(batch):
-        x, y = batch
-        loss, logits = cocoop_loss(learner, x, y, scale)
-        return loss, {"acc": float((logits.argmax(-1) == y).float().mean()) * 100}
 
-    with torch_threads(option(cfg, "threads")):  # small per-step ops: extra threads only synchronise
-        trainer.fit(step, feature_batches(feats, labels, int(cfg.get("batch_size") or 1), tcfg.seed))
-    return learner
+def train_cocoop_many(tasks, cfg: dict, learners=None, desc: str | None = None, out_dir=None,
+                      eval_fn=None, eval_every: int = 0) -> list[CoCoOpPromptLearner]:
+    """Several CoCoOp runs as one batched model (papers.coop.method.train_coop_many): every image of every
+    run gets its own SOS + context prefix, shared by its K class names, all encoded in one pass."""
+    return train_coop_many(tasks, cfg, learners, desc=desc or f"cocoop x{len(tasks)} {tasks[0].dataset.name}",
+                           out_dir=out_dir, eval_fn=eval_fn, eval_every=eval_every, build=build_learner,
+                           logits_many=cocoop_logits_many,
+                           schedule=lambda t, n: train_config(cfg, t, epochs=int(cfg.get("epochs") or 10)),
+                           batch_size=int(cfg.get("batch_size") or 1))
+
+
+def cocoop_logits_many(learners, xs, scale: float) -> list[tuple]:
+    """[(logits (B_r, K), None)] of several runs' image batches; runs on the same class names share one pass of
+    the shared-prefix encoder over all their images' prompts."""
+    first = learners[0]
+    same = all(l.classnames == first.classnames and l.position == "end" for l in learners)
+    if not (same and shared_prefix_supported(first.encoder)):
+        return [(l.logits(x, scale), None) for l, x in zip(learners, xs)]
+    ctx = torch.cat([l.conditional_context(x) for l, x in zip(learners, xs)])           # (sum B, M, d)
+    text = first.encode_image_prompts(ctx).float()                                        # (sum B, K, D)
+    out, start = [], 0
+    for x in xs:
+        f = F.normalize(x.float(), dim=-1)
+        out.append((scale * torch.einsum("bd,bkd->bk", f, text[start:start + len(x)]), None))
+        start += len(x)
+    return out
 
 
 @torch.no_grad()

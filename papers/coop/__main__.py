@@ -37,7 +37,7 @@ def with_variant(cfg: dict, name: str | None) -> dict:
 
 def fewshot(cfg: dict, fit: Fitter | None = None, shots=None, datasets=None, seeds=None) -> list[dict]:
     fit = fit or Fitter(cfg)
-    return run_fewshot(cfg, SLUG, SLUG, lambda task: evaluate(fit(task), task), variant=variant_name(cfg),
+    return run_fewshot(cfg, SLUG, SLUG, fit.batched(evaluate), variant=variant_name(cfg),
                        shots=shots, datasets=datasets, seeds=seeds)
 
 

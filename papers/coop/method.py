@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,9 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.clip import ClipBundle, PromptTextEncoder, logit_scale, tokenize
-from common.clip.text import encode_prompts  # noqa: F401  (re-exported: CoCoOp and LASP import it from here)
+from common.clip.text import encode_prompts, encode_shared_prefix, shared_prefix_supported
 from common.engine import TrainConfig, Trainer, index_batches, items_digest
 from common.engine.protocols import Task, eval_classifier
+from common.engine.seed import seed_everything
 from common.engine.threads import torch_threads
 
 POSITIONS = ("end", "middle", "front")
@@ -263,32 +265,146 @@ LossFn = Callable[[PromptLearner, torch.Tensor, torch.Tensor, torch.Tensor], Any
 
 def train_coop(task: Task, cfg: dict, learner: PromptLearner | None = None, loss_fn: LossFn | None = None,
                desc: str | None = None) -> PromptLearner:
-    """Train CoOp's context on `task` (its few-shot train split) and return the learner.
+    """Train CoOp's context on `task` (its few-shot train split) and return the learner (one run of
+    `train_coop_many`).
 
     Reads from `cfg` (official CoOp values when absent): n_ctx, ctx_init, csc, class_token_position,
     batch_size, epochs / epochs_by_shots / epochs_by_dataset, cache_views, train (TrainConfig fields),
     threads (intra-op threads while training; 0 = unchanged).
     `loss_fn(learner, logits, labels, class_embeddings) -> loss | (loss, logs)` replaces cross-entropy
     (papers that add a regulariser to CoOp use it). Checkpoints go to `task.out_dir` (exact resume)."""
-    learner = learner if learner is not None else build_learner(task.bundle, task.dataset.classnames, cfg)
-    feats, labels = train_views(task, cfg)
-    feats = feats.to(task.bundle.device)
-    labels = labels.to(task.bundle.device)
-    tcfg = train_config(cfg, task, n_train=labels.numel())
-    scale = logit_scale(task.bundle)
-    trainer = Trainer(learner, tcfg, task.out_dir, desc=desc or f"coop {task.dataset.name} k{task.shots}")
+    return train_coop_many([task], cfg, None if learner is None else [learner],
+                           None if loss_fn is None else [loss_fn], desc=desc, out_dir=task.out_dir)[0]
 
-    def step(batch):
-        x, y = batch
-        text = learner.class_embeddings()
-        logits = coop_logits(x, text, scale)
-        out = F.cross_entropy(logits, y) if loss_fn is None else loss_fn(learner, logits, y, text)
-        loss, logs = out if isinstance(out, tuple) else (out, {})
-        return loss, {"acc": float((logits.argmax(-1) == y).float().mean()) * 100, **logs}
 
+def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptLearner] | None = None,
+                    loss_fns: Sequence[LossFn] | None = None, desc: str | None = None, out_dir=None,
+                    eval_fn: Callable | None = None, eval_every: int = 0, build: Callable | None = None,
+                    logits_many: Callable | None = None, schedule: Callable | None = None,
+                    batch_size: int | None = None) -> list[PromptLearner]:
+    """Train CoOp-style learners on several tasks at once, as one batched model (common.engine.batched):
+    each run keeps its own data, seed, schedule and learning rate, and ends where it would end alone.
+
+    Every trainable tensor of the learners is stacked on a leading run axis; the learners' own methods
+    (and `loss_fns`) see their run's slice. Prompts that share SOS + a unified context before the class
+    name (the paper's default layout) are encoded with the shared-prefix encoder, all runs in one pass.
+    `eval_fn(learners) -> (R,)` (optional, every `eval_every` steps): a convergence record per run.
+    Methods built on CoOp pass their own `build(bundle, classnames, cfg)`, `logits_many(learners, xs, scale) ->
+    [(logits, text features)]` (CoCoOp: per-image prompts), `schedule(task, n_train) -> TrainConfig` and
+    `batch_size`."""
+    from common.engine.batched import BatchedTrainer, RunSchedule, stack_parameters
+    if learners is None:
+        learners = []
+        for t in tasks:   # the protocol seeds each run before building it: the same initial context
+            seed_everything(t.seed)
+            learners.append((build or build_learner)(t.bundle, t.dataset.classnames, cfg))
+    learners = list(learners)
+    bundle = tasks[0].bundle
+    data = [train_views(t, cfg) for t in tasks]
+    feats = [f.to(bundle.device) for f, _ in data]
+    labels = [y.to(bundle.device) for _, y in data]
+    schedule = schedule or (lambda t, n: train_config(cfg, t, n_train=n))
+    batch_size = int(batch_size or option(cfg, "batch_size"))
+    runs = [RunSchedule(schedule(t, y.numel()), y.numel(), batch_size, label=f"{t.dataset.name} k{t.shots} s{t.seed}")
+            for t, y in zip(tasks, labels)]
+    logits_many = logits_many or coop_logits_many
+    names = [n for n, p in learners[0].named_parameters() if p.requires_grad]
+    stacked = {n: stack_parameters([l.get_parameter(n) for l in learners]) for n in names}
+    scale = logit_scale(bundle)
+    views: dict[tuple, torch.Tensor] = {}
+
+    def batch_of(r: int, b) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `feature_batches`: each image in the cached view drawn for (seed, epoch)."""
+        V, N, _ = feats[r].shape
+        key = (r, b.epoch)
+        if key not in views:
+            views.clear() if len(views) > 4 * len(tasks) else None
+            views[key] = torch.randint(V, (N,), generator=torch.Generator().manual_seed(runs[r].cfg.seed * 7919 + b.epoch))
+        return feats[r][views[key][b.idx], b.idx], labels[r][b.idx]
+
+    def step(batches):
+        live = [r for r, b in enumerate(batches) if b is not None]
+        losses, accs = torch.zeros(len(tasks)), torch.zeros(len(tasks))
+        with bound(learners, stacked, live):
+            xy = [batch_of(r, batches[r]) for r in live]
+            outs = logits_many([learners[r] for r in live], [x for x, _ in xy], scale)
+            for (logits, text), (x, y), r in zip(outs, xy, live):
+                out = F.cross_entropy(logits, y) if loss_fns is None else loss_fns[r](learners[r], logits, y, text)
+                loss, _ = out if isinstance(out, tuple) else (out, {})
+                losses = losses.index_put((torch.tensor([r]),), loss.reshape(1).float())
+                accs[r] = float((logits.argmax(-1) == y).float().mean()) * 100
+        return losses, {"acc": accs}
+
+    evaluate_runs = None
+    if eval_fn is not None:
+        def evaluate_runs():
+            with torch.no_grad(), bound(learners, stacked, range(len(tasks))):
+                return eval_fn(learners)
+    trainer = BatchedTrainer(list(stacked.values()), runs, out_dir,
+                             desc=desc or f"coop x{len(tasks)} {tasks[0].dataset.name}")
     with torch_threads(option(cfg, "threads")):  # tiny per-step ops: extra threads only synchronise
-        trainer.fit(step, feature_batches(feats, labels, int(option(cfg, "batch_size")), tcfg.seed))
-    return learner
+        trainer.fit(step, evaluate_runs, eval_every)
+    with torch.no_grad():
+        for r, learner in enumerate(learners):
+            for n, w in stacked.items():
+                learner.get_parameter(n).copy_(w[r])
+    for learner, hist, ev in zip(learners, trainer.history, trainer.evals):
+        learner.train_history, learner.val_history = hist, ev
+    return learners
+
+
+@contextmanager
+def bound(learners: Sequence[nn.Module], stacked: dict[str, torch.Tensor], runs) -> Any:
+    """Let each learner's own code run on its slice of the stacked parameters: its parameter attributes are
+    replaced by views `stacked[name][r]` (gradients reach the stacked tensor), and restored afterwards."""
+    saved = []
+    try:
+        for r in runs:
+            for n, w in stacked.items():
+                mod_name, _, attr = n.rpartition(".")
+                mod = learners[r].get_submodule(mod_name) if mod_name else learners[r]
+                saved.append((mod, attr, mod._parameters.pop(attr)))
+                setattr(mod, attr, w[r])
+        yield
+    finally:
+        for mod, attr, param in reversed(saved):
+            delattr(mod, attr)
+            mod._parameters[attr] = param
+
+
+def coop_logits_many(learners: Sequence[PromptLearner], xs: Sequence[torch.Tensor], scale: float) -> list[tuple]:
+    """[(logits, class embeddings)] of several runs' batches; their prompts are encoded together."""
+    return [(coop_logits(x, text, scale), text) for x, text in zip(xs, run_class_embeddings(learners))]
+
+
+def run_class_embeddings(learners: Sequence[PromptLearner]) -> list[torch.Tensor]:
+    """Each learner's `class_embeddings()`; learners with the plain CoOp layout (unified context, class token
+    at the end) and the same class names are encoded together through the shared-prefix encoder."""
+    out: dict[int, torch.Tensor] = {}
+    groups: dict[tuple, list[int]] = {}
+    for i, l in enumerate(learners):
+        if shares_prefix(l):
+            groups.setdefault((id(l.encoder.transformer), tuple(l.classnames)), []).append(i)
+        else:
+            out[i] = l.class_embeddings()
+    for members in groups.values():
+        first = learners[members[0]]
+        P = 1 + first.n_ctx
+        eot = first.token_ids.argmax(-1) - P
+        S = int(eot.max()) + 1
+        prefix = torch.cat([first.token_prefix[:1].expand(len(members), -1, -1),
+                            torch.stack([learners[i].ctx for i in members]).to(first.token_prefix.dtype)], dim=1)
+        suffix = first.token_suffix[:, :S].unsqueeze(0).expand(len(members), -1, -1, -1)
+        feats = F.normalize(encode_shared_prefix(first.encoder, prefix, suffix, eot), dim=-1)
+        for j, i in enumerate(members):
+            out[i] = feats[j]
+    return [out[i] for i in range(len(learners))]
+
+
+def shares_prefix(learner: PromptLearner) -> bool:
+    """CoOp's default layout, encoded with its own `class_embeddings` (no subclass override)."""
+    return (type(learner).class_embeddings is PromptLearner.class_embeddings and not learner.csc
+            and learner.position == "end" and learner.ctx.dim() == 2 and shared_prefix_supported(learner.encoder))
 
 
 @torch.no_grad()
@@ -330,18 +446,43 @@ def load_learner(path, bundle: ClipBundle, cls: type[PromptLearner] = PromptLear
 
 class Fitter:
     """`fit(task)` for the protocols: trains once per (config, dataset sample, seed) in this process, so the
-    16-shot source model of domain generalisation / cross-dataset reuses an identical earlier training."""
+    16-shot source model of domain generalisation / cross-dataset reuses an identical earlier training.
+    `many(tasks)` trains the missing ones together (`train_many`, a batched model) when the method has one."""
 
-    def __init__(self, cfg: dict, train_fn: Callable[[Task, dict], PromptLearner] | None = None):
+    def __init__(self, cfg: dict, train_fn: Callable[[Task, dict], PromptLearner] | None = None,
+                 train_many: Callable[[list[Task], dict], list[PromptLearner]] | None = None):
         self.cfg, self.train_fn = cfg, train_fn or train_coop
+        self.train_many = train_many if train_many is not None else (
+            (lambda tasks, cfg: train_coop_many(tasks, cfg, out_dir=tasks[0].extra.get("group_dir")))
+            if train_fn is None else None)
         self.memo: dict[str, PromptLearner] = {}
 
+    def _key(self, task: Task) -> str:
+        return json.dumps([self.cfg, task.dataset.name, items_digest(task.dataset.train), task.shots, task.seed],
+                          sort_keys=True, default=str)
+
     def __call__(self, task: Task) -> PromptLearner:
-        key = json.dumps([self.cfg, task.dataset.name, items_digest(task.dataset.train), task.shots, task.seed],
-                         sort_keys=True, default=str)
-        if key not in self.memo:
-            self.memo[key] = self.train_fn(task, self.cfg)
-        if task.out_dir is not None:
-            Path(task.out_dir).mkdir(parents=True, exist_ok=True)
-            save_learner(self.memo[key], Path(task.out_dir) / PROMPT_FILE)
-        return self.memo[key]
+        return self.many([task])[0]
+
+    def many(self, tasks: list[Task]) -> list[PromptLearner]:
+        todo = [t for t in tasks if self._key(t) not in self.memo]
+        if todo:
+            if self.train_many is not None and len(todo) > 1:
+                learners = self.train_many(todo, self.cfg)
+            else:
+                learners = []
+                for t in todo:          # as the protocols did before calling fit: each run starts seeded
+                    seed_everything(t.seed)
+                    learners.append(self.train_fn(t, self.cfg))
+            for t, learner in zip(todo, learners):
+                self.memo[self._key(t)] = learner
+        for task in tasks:
+            if task.out_dir is not None:
+                Path(task.out_dir).mkdir(parents=True, exist_ok=True)
+                save_learner(self.memo[self._key(task)], Path(task.out_dir) / PROMPT_FILE)
+        return [self.memo[self._key(t)] for t in tasks]
+
+    def batched(self, evaluate_fn: Callable[[Any, Task], dict[str, float]]):
+        """This fitter as a protocols.BatchedFit (one batched model per dataset)."""
+        from common.engine.protocols import BatchedFit
+        return BatchedFit(self.many, evaluate_fn)

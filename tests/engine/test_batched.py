@@ -112,3 +112,37 @@ def test_finished_runs_stay_frozen():
     W, tr, _, runs = batched("sgd")
     short = min(range(len(runs)), key=lambda r: runs[r].total_steps)
     assert tr.opt.steps[short] == runs[short].total_steps and tr.opt.steps.max() == tr.total
+
+
+class _Head(nn.Module):
+    """A small adapter-like module with a per-run buffer (the class text features)."""
+
+    def __init__(self, text: torch.Tensor):
+        super().__init__()
+        self.register_buffer("text", text)
+        self.fc = nn.Sequential(nn.Linear(D, 3, bias=False), nn.ReLU(), nn.Linear(3, D, bias=False))
+        self.scale = 10.0
+
+    def forward(self, x):
+        f = F.normalize(x + 0.5 * self.fc(x), dim=-1)
+        return self.scale * f @ F.normalize(self.text, dim=-1).t()
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_fit_modules_equals_separate_trainers(opt):
+    from common.engine.batched import fit_modules
+    specs = [(40, 8, 3, 0.1, 1), (12, 8, 4, 0.05, 2), (24, 8, 2, 0.2, 3)]
+    def make(seed):
+        torch.manual_seed(seed)
+        return _Head(torch.randn(K, D, generator=torch.Generator().manual_seed(100 + seed)))
+    views = [[problem(seed, n)[0], problem(seed + 50, n)[0]] for n, *_, seed in specs]   # two cached views
+    labels = [problem(seed, n)[1] for n, *_, seed in specs]
+    cfgs = [TrainConfig(epochs=ep, lr=lr, optimizer=opt, seed=seed, warmup_epochs=0) for n, bs, ep, lr, seed in specs]
+    together = [make(s) for *_, s in specs]
+    fit_modules(together, views, labels, cfgs, 8)
+    for (n, bs, ep, lr, seed), m, v, y, cfg in zip(specs, together, views, labels, cfgs):
+        alone = make(seed)
+        Trainer(alone, cfg).fit(lambda b, alone=alone, y=y: F.cross_entropy(alone(b[0]), b[1]),
+                                lambda e, v=v, y=y, n=n, seed=seed: [(v[e % 2][i], y[i]) for i in index_batches(n, 8, seed, e)])
+        for (name, p), q in zip(alone.named_parameters(), m.parameters()):
+            assert torch.allclose(p, q, atol=1e-5), (opt, seed, name, float((p - q).abs().max()))

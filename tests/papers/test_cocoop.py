@@ -77,7 +77,7 @@ def test_batched_gradients_equal_mean_of_batch1_gradients(learner, tiny_vit):
     for g, *gs in zip(batched, *per_image):
         mean = torch.stack(gs).mean(0)
         assert g.abs().sum() > 0
-        assert torch.allclose(g, mean, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(g, mean, atol=1e-4 * float(mean.abs().max()), rtol=1e-4)   # float32 sums over 512-d
 
 
 def test_batch_invariance_and_chunking(learner, tiny_vit):

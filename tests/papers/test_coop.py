@@ -224,14 +224,16 @@ def test_training_loss_is_cross_entropy_of_the_clip_head(tmp_path, tiny_rn):
     zs = zeroshot_classifier(tiny_rn, task.dataset.classnames, ["a photo of a {}."], cache_dir=None)
     scale = tiny_rn.model.logit_scale.exp().item()
     expected = F.cross_entropy(scale * feats[0] @ zs.t(), labels).item()
-    log = __import__("json").loads((tmp_path / "ckpt" / "train_log.json").read_text())
+    log = _log(tmp_path / "ckpt")
     assert log[0]["loss"] == pytest.approx(expected, abs=1e-4)
     assert all(torch.equal(v, tiny_rn.model.state_dict()[k]) for k, v in frozen.items())
     assert [n for n, p in learner.named_parameters() if p.requires_grad] == ["ctx"]
 
 
 def _log(folder):
-    return json.loads((folder / "train_log.json").read_text())
+    """The epoch rows of the only run of a training log (the batched trainer logs a list of runs)."""
+    (run,) = json.loads((folder / "train_log.json").read_text())
+    return run["epochs"]
 
 
 def test_training_fits_the_few_shot_set_and_resumes_exactly(tmp_path, tiny_rn):
@@ -283,3 +285,27 @@ def test_reproduce_and_eval_smoke(tmp_path, tiny_rn, tiny_vit, capsys):
     stored = {(r["shots"], r["seed"]): r["metrics"]["top1"]
               for r in load_records(paper="coop", protocol="fewshot", variant="m16_end")}
     assert {(r["shots"], r["seed"]): round(r["top1"], 4) for r in rows} == stored
+
+
+def test_batched_runs_train_exactly_like_separate_runs(tmp_path, tiny_rn):
+    """Five runs (shot counts x seeds) in one batched model end where each would end alone: same contexts (up to
+    float rounding), same predictions. Their schedules differ (epochs by shots), so runs finish at different steps."""
+    from papers.coop.method import train_coop_many
+    from common.engine.seed import seed_everything
+    grid = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 3)]
+    tasks = []
+    for k, s in grid:
+        task, cfg = _toy_task(tmp_path, tiny_rn, shots=k, seed=s)
+        tasks.append(task)
+    cfg = dict(cfg, epochs=None, epochs_by_shots={"1": 3, "2": 5, "4": 4}, batch_size=4, min_steps=0,
+               train={"lr": 0.05, "warmup_epochs": 1})
+    for t in tasks:
+        t.cfg, t.out_dir = cfg, None
+    together = train_coop_many(tasks, cfg)
+    steps = [h[-1]["step"] for h in (l.train_history for l in together)]
+    assert len(set(steps)) > 1                                   # different schedules in one batch
+    for task, learner in zip(tasks, together):
+        seed_everything(task.seed)
+        alone = train_coop(task, cfg)
+        assert torch.allclose(alone.ctx, learner.ctx, atol=1e-5), (task.shots, task.seed)
+        assert evaluate(alone, task)["top1"] == evaluate(learner, task)["top1"]

@@ -125,3 +125,29 @@ def test_chained_comparison_and_boolean_ops():
     assert ok and len(trace.steps) == 2
     assert not run("mean(hm, method=a) > 80 or not mean(hm, method=b) > 76", vals)[0]
     assert run("hm(mean(hm, method=a), mean(hm, method=c)) < mean(hm, method=a)", vals)[0]
+
+
+def test_margins_say_how_far_a_check_is_from_flipping():
+    vals = {"per(top1, method=a)": {"x": 60.0, "y": 50.0, "z": 40.0},
+            "per(top1, method=b)": {"x": 55.0, "y": 52.0, "z": 30.0}}
+    e = Expression("count(per(top1, method=a) > per(top1, method=b)) >= 2")
+    ok, trace = e.evaluate(lambda s: Vec(s.by, vals[s.text]))
+    assert ok and trace.margin == 5.0                 # element margins 5, -2, 10: the 2nd largest decides
+    e = Expression("count(per(top1, method=a) > per(top1, method=b)) >= 3")
+    ok, trace = e.evaluate(lambda s: Vec(s.by, vals[s.text]))
+    assert not ok and trace.margin == -2.0
+    ok, trace = Expression("argmax(per(top1, method=a)) == x").evaluate(lambda s: Vec(s.by, vals[s.text]))
+    assert ok and trace.margin == 10.0                # x leads y by 10
+    ok, _ = Expression("argmax(per(top1, method=a)) == argmax(per(top1, method=b))").evaluate(
+        lambda s: Vec(s.by, vals[s.text]))
+    assert ok                                         # both pick x (an argmax compared with an argmax)
+    ok, trace = Expression("mean(top1, method=a) > 1 and mean(top1, method=b) < 5").evaluate(
+        lambda s: {"mean(top1, method=a)": 3.0, "mean(top1, method=b)": 4.5}[s.text])
+    assert ok and trace.margin == 0.5                 # and: the smaller margin
+
+
+def test_batched_evaluation_over_replicates():
+    import numpy as np
+    e = Expression("mean(top1, method=a) > mean(top1, method=b)")
+    t = e.evaluate_batch(lambda s: np.array([1.0, 2.0, 3.0]) if s.text.endswith("a)") else np.array([2.0, 2.0, 2.0]))
+    assert t.value.tolist() == [False, False, True] and t.margin.tolist() == [-1.0, 0.0, 1.0]

@@ -27,7 +27,7 @@ def test_report_content_and_byte_determinism(tmp_path):
     for needle in ["# zeroshot_clip: replication report", "[2103.00020](https://arxiv.org/abs/2103.00020)",
                    "[openai/CLIP](https://github.com/openai/CLIP)", "Absolute numbers are not comparable with the paper",
                    "claims are judged on relative differences", "58.18 †", "| Tip-Adapter Table 2 |",
-                   "Embedded profile: 3 reproduced, 0 not reproduced, 1 not testable, of 4 claims.",
+                   "Embedded profile — paper claims: 3 of 4 reproduced (1 not testable).",
                    "### fewshot · tiny-rn · top-1 accuracy (%)", "| linear_probe | 16 | 48.00 ± 1.00 |",
                    "Decided by: 7.50 < 18.00 → true", "## Real profile", "Not run here",
                    "python -m papers.zeroshot_clip reproduce --profile real --set data_root=/path/to/DATA",
@@ -72,8 +72,8 @@ def test_real_profile_numbers_beside_the_paper(tmp_path):
     assert (papers / "demo" / "REPORT.md").exists()
     assert "| linear_probe | RN50 | 16 | EMB-Objects | top1 | 50.00 | 48.00 ± 1.00 (3) | -2.00 |" in text
     assert "1 of 2 paper numbers have a matching real run; 1 do not" in text
-    assert "| [lp](#claim-lp) | t | ✔ reproduced | ✔ reproduced |" in text and "### Claim lp" in text
-    assert "- **real**: ✔ reproduced on 3 dataset(s)" in text
+    assert "| [lp](#claim-lp) | project | t | ✔ reproduced | ✔ reproduced |" in text and "### Claim lp" in text
+    assert "- **real**: ✔ reproduced" in text and "Grid: datasets emb_objects, emb_scenes, emb_textures; shots 1, 16" in text
     assert "- smaller batch *Why*: memory" in text
     assert (papers / "demo" / "fig_real_fewshot_RN50.png").exists()
 
