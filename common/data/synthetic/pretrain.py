@@ -38,9 +38,9 @@ from .world import Distribution, SceneInfo, sample_scenes
 # Defaults per architecture (params.yaml `pretrain:` passes the same keys explicitly).
 DEFAULTS = {
     "tiny-rn": dict(steps=1200, batch=256, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=0, distill=0.0, curriculum=0.3,
-                    logit_scale=100.0),
+                    logit_scale=100.0, contrastive=1.0),
     "tiny-vit": dict(steps=800, batch=128, lr=1e-3, wd=0.1, warmup=50, pool=50000, seed=1, distill=1.0, curriculum=0.5,
-                     logit_scale=100.0),
+                     logit_scale=100.0, contrastive=1.0),
 }
 RENDER_CHUNK = 512
 
@@ -170,20 +170,32 @@ class SharedCaptionClipLoss(open_clip.ClipLoss):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bool = False, teacher=None,
-               x_teacher: torch.Tensor | None = None, distill: float = 0.0, text_encoder=None) -> float:
-    """One optimiser step of the contrastive loss (+ distill x cosine distance to the teacher's image
-    embedding). Returns the loss. `text_encoder` (a PromptTextEncoder sharing the model's text tower)
-    encodes the captions up to the batch's last EOT: the same function as `model.encode_text`, cheaper."""
+@torch.no_grad()
+def teacher_targets(teacher, images: np.ndarray, device, progress: bool = True, chunk: int = 512) -> torch.Tensor:
+    """The teacher's normalised image embeddings of a rendered pool (uint8 (N, 64, 64, 3)), on the CPU."""
+    out = []
+    for i in tqdm(range(0, len(images), chunk), desc="teacher targets", disable=not progress, unit="chunk"):
+        x = to_model_input(images[i:i + chunk], 64).to(device).contiguous(memory_format=torch.channels_last)
+        out.append(F.normalize(teacher.encode_image(x).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor | None, bf16: bool = False,
+               target: torch.Tensor | None = None, distill: float = 0.0, text_encoder=None,
+               contrastive: float = 1.0) -> float:
+    """One optimiser step of contrastive x the contrastive loss + distill x the cosine distance to the
+    teacher's (normalised) image embedding `target`. Returns the loss. `text_encoder` (a PromptTextEncoder
+    sharing the model's text tower) encodes the captions up to the batch's last EOT: the same function as
+    `model.encode_text`, cheaper."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         fi = F.normalize(model.encode_image(x).float(), dim=-1)
-        text = encode_text(text_encoder, tok) if text_encoder is not None else model.encode_text(tok)
-        ft = F.normalize(text.float(), dim=-1)
-        loss = loss_fn(fi, ft, model.logit_scale.exp(), tokens=tok)
-        if teacher is not None and distill > 0:
-            with torch.no_grad():
-                f_teacher = F.normalize(teacher.encode_image(x_teacher).float(), dim=-1)
-            loss = loss + distill * (1 - (fi * f_teacher).sum(-1)).mean()
+        loss = torch.zeros((), device=x.device)
+        if contrastive:
+            text = encode_text(text_encoder, tok) if text_encoder is not None else model.encode_text(tok)
+            ft = F.normalize(text.float(), dim=-1)
+            loss = loss + contrastive * loss_fn(fi, ft, model.logit_scale.exp(), tokens=tok)
+        if target is not None and distill > 0:
+            loss = loss + distill * (1 - (fi * target).sum(-1)).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -196,13 +208,15 @@ def train_step(model, opt, loss_fn, x: torch.Tensor, tok: torch.Tensor, bf16: bo
 
 def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: float, warmup: int, pool: int, seed: int,
              distill: float = 0.0, teacher: str | None = None, curriculum: float = 0.0, logit_scale: float = 0.0,
-             dist: Distribution = PRETRAIN_DIST,
+             contrastive: float = 1.0, dist: Distribution = PRETRAIN_DIST,
              cstyle: CaptionStyle = PRETRAIN_CAPTIONS, threads: int = 2, amp: str = "auto", eval_every: int = 0,
              eval_n: int = 512, progress: bool = True, device: str = "cpu") -> dict:
     """Train `arch` from scratch and save it to `out`. Returns the training log (also written to out.json).
     The pipeline trains on the CPU (seeded, deterministic); `device="cuda"` is for quick recipe sweeps.
     `logit_scale` > 0 fixes the temperature at that value (OpenAI's released CLIPs all end at the clamp, 100);
-    0 learns it from 1/0.07 as CLIP does."""
+    0 learns it from 1/0.07 as CLIP does. `contrastive` weighs the contrastive loss; 0 with a teacher is pure
+    feature distillation: the student's text tower is the teacher's, frozen, and only the image tower learns
+    to map images to the teacher's image embeddings (computed once per rendered pool)."""
     t_start = time.time()
     torch.manual_seed(seed)
     random.seed(seed)
@@ -233,6 +247,11 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
 
     for p in model.parameters():
         p.requires_grad_(True)
+    if contrastive < 0 or (contrastive == 0 and teacher_model is None):
+        raise ValueError(f"contrastive must be > 0, or 0 with a teacher to distil from; got {contrastive}")
+    if contrastive == 0:  # the teacher's text tower as it is: zero-shot reads the teacher's embedding space
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("visual."))
     if logit_scale < 0:
         raise ValueError(f"logit_scale must be > 0 (fixed) or 0 (learned), got {logit_scale}")
     if logit_scale:
@@ -257,10 +276,15 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
     # (caption style, images, infos) per curriculum stage; the warm-up pool is half size, its own seed
     main_stream = (cstyle, *render_pool(pool, seed, dist, 64, progress))
     warm_stream = (WARMUP_CAPTIONS, *render_pool(pool // 2, seed + 7919, WARMUP_DIST, 64, progress)) if warm_steps else None
+    targets = {}
+    if teacher_model is not None and distill > 0:  # the frozen teacher's embeddings, once per pool image
+        for name, stream in (("main", main_stream), ("warm", warm_stream)):
+            if stream is not None:
+                targets[name] = teacher_targets(teacher_model, stream[1], device, progress)
     t_render = time.time() - t0
     rng = np.random.default_rng([seed, 999])
     log = {"arch": arch, "device": device.type, "steps": steps, "batch": batch, "lr": lr, "wd": wd, "warmup": warmup, "pool": pool, "seed": seed,
-           "distill": distill, "logit_scale": logit_scale or "learned", "teacher": str(teacher) if teacher else None, "bf16": use_bf16, "render_s": round(t_render, 1),
+           "distill": distill, "contrastive": contrastive, "logit_scale": logit_scale or "learned", "teacher": str(teacher) if teacher else None, "bf16": use_bf16, "render_s": round(t_render, 1),
            "curriculum": curriculum, "distribution": asdict(dist), "caption_style": asdict(cstyle),
            "warmup_distribution": asdict(WARMUP_DIST) if warm_steps else None,
            "warmup_caption_style": asdict(WARMUP_CAPTIONS) if warm_steps else None, "loss": [], "evals": []}
@@ -269,22 +293,22 @@ def pretrain(arch: str, out: str | Path, steps: int, batch: int, lr: float, wd: 
     for step in bar:
         if step == 0 or step == warm_steps:  # a new stage of the curriculum: reshuffle its pool
             step_cstyle, images, infos = warm_stream if step < warm_steps else main_stream
+            stage_targets = targets.get("warm" if step < warm_steps else "main")
             order, cursor = rng.permutation(len(images)), 0
         if cursor + batch > len(images):
             order, cursor = rng.permutation(len(images)), 0
         idx = np.sort(order[cursor:cursor + batch])
         cursor += batch
-        texts = captions([infos[i] for i in idx], seed * 1_000_003 + step, step_cstyle)
+        tok = None
+        if contrastive:
+            tok = tokenizer(captions([infos[i] for i in idx], seed * 1_000_003 + step, step_cstyle)).to(device)
         x = to_model_input(images[idx], image_size).to(device)
         if not bundle.is_vit:
             x = x.contiguous(memory_format=torch.channels_last)
-        tok = tokenizer(texts).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, warmup, lr)
-        x_teacher = None
-        if teacher_model is not None:
-            x_teacher = to_model_input(images[idx], 64).to(device).contiguous(memory_format=torch.channels_last)
-        loss = train_step(model, opt, loss_fn, x, tok, use_bf16, teacher_model, x_teacher, distill, text_encoder)
+        target = stage_targets[torch.as_tensor(idx)].to(device) if stage_targets is not None else None
+        loss = train_step(model, opt, loss_fn, x, tok, use_bf16, target, distill, text_encoder, contrastive)
         log["loss"].append(round(float(loss), 4))
         bar.set_postfix(loss=f"{loss:.3f}", scale=f"{float(model.logit_scale.exp()):.1f}")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
