@@ -4,6 +4,7 @@ import pytest
 
 from common.data import (CorruptImageError, build_dataset, fewshot_split, load_image, read_split_json,
                          subsample_classes)
+from common.data.splits import fewshot_file
 from tests.fixtures.toy import TOY_CLASSES, write_toy
 
 
@@ -16,8 +17,8 @@ def toy(tmp_path):
 def test_fewshot_is_k_per_class_seeded_and_cached(toy, tmp_path):
     a = fewshot_split(toy, 2, seed=1)
     assert len(a.train) == 2 * len(TOY_CLASSES) and len(a.val) == 2 * len(TOY_CLASSES)
-    cache = tmp_path / "toy" / "split_fewshot" / "shot_2-seed_1.json"
-    assert cache.is_file()
+    cache = fewshot_file(toy, 2, 1)
+    assert cache.is_file() and cache.is_relative_to(tmp_path / "cache")
     assert fewshot_split(toy, 2, seed=1).train == a.train
     assert fewshot_split(toy, 2, seed=2).train != a.train
     # the file is what is reused: edit it and the edit is honoured
