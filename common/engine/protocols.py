@@ -5,6 +5,7 @@ interrupted `reproduce` continues where it stopped), and writes one run record p
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ from ..clip.loader import ClipBundle, load_clip
 from ..data import Dataset, build_dataset, fewshot_split, subsample_classes
 from ..paths import runs_root
 from .cache import cached_features
-from .runs import run_dir, write_record
+from .runs import print_record, run_dir, write_record
 from .seed import seed_everything
+from .train import take_resumed_seconds
 
 _BUNDLES: dict[tuple, ClipBundle] = {}
 
@@ -52,16 +54,27 @@ class Task:
 
 
 def _record(cfg: dict, paper: str, method: str, variant: str, protocol: str, dataset: str, source: str,
-            shots: int | None, seed: int, values: dict, wall: float, n_classes: int | None = None) -> dict:
-    return {"paper": paper, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": protocol,
-            "dataset": dataset, "source": source, "backbone": cfg["arch"], "shots": shots, "seed": seed,
-            "n_classes": n_classes,
-            "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
+            shots: int | None, seed: int, values: dict, wall: float, n_classes: int | None = None,
+            train: Dataset | None = None) -> dict:
+    """A run record. `wall_s` is the whole run's time, training done before a resume included; `shots_used` appears
+    when some class had fewer than `shots` training images (`fewshot_split` keeps all of them)."""
+    rec = {"paper": paper, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": protocol,
+           "dataset": dataset, "source": source, "backbone": cfg["arch"], "shots": shots, "seed": seed,
+           "n_classes": n_classes,
+           "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
+    if train is not None and train.meta.get("shots_used"):
+        rec["shots_used"] = train.meta["shots_used"]
+    return rec
 
 
 def _exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=None) -> bool:
-    return (run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant, source)
-            / "metrics.json").is_file() and not cfg.get("force", False)
+    """Whether the run's record exists (and `force` is off); an existing record's metrics are printed."""
+    path = run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant, source) \
+        / "metrics.json"
+    if cfg.get("force", False) or not path.is_file():
+        return False
+    print_record(json.loads(path.read_text()), existing=True)
+    return True
 
 
 def checkpoint_dir(cfg, paper, protocol, dataset, method, shots, seed, variant):
@@ -71,9 +84,10 @@ def checkpoint_dir(cfg, paper, protocol, dataset, method, shots, seed, variant):
 
 
 def _finish(rec: dict, out_dir) -> dict:
-    """Write the record, then drop the run's resume checkpoint: it exists only to survive interruption,
-    and a stale one must never be 'resumed' by a later run with changed code."""
+    """Write the record (and print its metrics), then drop the run's resume checkpoint: it exists only to survive
+    interruption, and a stale one must never be 'resumed' by a later run with changed code."""
     write_record(rec)
+    print_record(rec)
     if out_dir is not None:
         ckpt = Path(out_dir) / "checkpoint.pt"
         ckpt.unlink(missing_ok=True)
@@ -91,14 +105,14 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
     for name, k, seed in tqdm(jobs, desc=f"{paper}/{method} few-shot"):
         if _exists(cfg, paper, "fewshot", name, method, k, seed, variant):
             continue
-        t0 = time.time()
+        t0, _ = time.time(), take_resumed_seconds()
         full = build_dataset(name, cfg["data_root"])
         task = Task(cfg, bundle, fewshot_split(full, k, seed), k, seed,
                     checkpoint_dir(cfg, paper, "fewshot", name, method, k, seed, variant))
         seed_everything(seed)
         values = fit_eval(task)
-        rec = _record(cfg, paper, method, variant, "fewshot", name, name, k, seed, values, time.time() - t0,
-                      full.num_classes)
+        rec = _record(cfg, paper, method, variant, "fewshot", name, name, k, seed, values,
+                      time.time() - t0 + take_resumed_seconds(), full.num_classes, task.dataset)
         out.append(_finish(rec, task.out_dir))
     return out
 
@@ -114,17 +128,19 @@ def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any
                            desc=f"{paper}/{method} base2novel"):
         if _exists(cfg, paper, "base2novel", name, method, shots, seed, variant):
             continue
-        t0 = time.time()
+        t0, _ = time.time(), take_resumed_seconds()
         full = fewshot_split(build_dataset(name, cfg["data_root"]), shots, seed)
         ckpt = checkpoint_dir(cfg, paper, "base2novel", name, method, shots, seed, variant)
         base = Task(cfg, bundle, subsample_classes(full, "base"), shots, seed, ckpt)
         novel = Task(cfg, bundle, subsample_classes(full, "new"), shots, seed, ckpt)
         seed_everything(seed)
         state = fit(base)
+        resumed = take_resumed_seconds()
         b = evaluate(state, base)["top1"]
         n = evaluate(state, novel)["top1"]
         rec = _record(cfg, paper, method, variant, "base2novel", name, name, shots, seed,
-                      {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)}, time.time() - t0, full.num_classes)
+                      {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)},
+                      time.time() - t0 + resumed, full.num_classes, full)
         out.append(_finish(rec, ckpt))
     return out
 
@@ -142,18 +158,19 @@ def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callabl
         names = [source] + [t for t in targets if t != source]
         if all(_exists(cfg, paper, protocol, t, method, shots, seed, variant, source) for t in names):
             continue
-        t0 = time.time()
+        t0, _ = time.time(), take_resumed_seconds()
         full = build_dataset(source, cfg["data_root"])
         src = fewshot_split(full, shots, seed) if shots else full
         task = Task(cfg, bundle, src, shots, seed, checkpoint_dir(cfg, paper, protocol, source, method, shots, seed,
                                                                    variant))
         seed_everything(seed)
         state = fit(task)
+        resumed = take_resumed_seconds()
         for name in names:
             ds = src if name == source else build_dataset(name, cfg["data_root"])
             values = evaluate(state, Task(cfg, bundle, ds, shots, seed, task.out_dir))
-            rec = _record(cfg, paper, method, variant, protocol, name, source, shots, seed, values, time.time() - t0,
-                          ds.num_classes)
+            rec = _record(cfg, paper, method, variant, protocol, name, source, shots, seed, values,
+                          time.time() - t0 + resumed, ds.num_classes, src)
             out.append(_finish(rec, task.out_dir if name == names[-1] else None))
     return out
 
