@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,10 @@ def _as(kind: str, v: Any, raw: Any) -> tuple[bool, Any]:
 
 def coerce(key: str, value: Any, refs: list[Any], raw: Any = None) -> Any:
     """`value` checked and converted against `refs`, the option's values in the shipped config (this profile's
-    first, then the other profile's, then the paper's `accepts` example). None is allowed only where a profile has it; an option that is None in both
-    takes any value (its paper's `validate` checks it). A single value where a list is expected is a one-item list;
-    a mapping replaces the mapping it sets (`--set train.lr=...` changes one entry), its known entries checked."""
+    first, then the other profile's, then the paper's `accepts` example). None is allowed only where a profile has
+    it; an option that is None in both takes any value (its paper's `validate` checks it). A single value where a
+    list is expected is a one-item list; a mapping replaces the mapping it sets (`--set train.lr=...` changes one
+    entry), its known entries checked."""
     raw = value if raw is None else raw
     known = [r for r in refs if r is not None]
     if not known:
@@ -107,7 +109,8 @@ def coerce(key: str, value: Any, refs: list[Any], raw: Any = None) -> Any:
     if value is None:
         if any(r is None for r in refs):
             return None
-        raise ConfigError(f"{key}: null is not allowed; expected {_describe_kind(known[0])} like {known[0]!r}")
+        raise ConfigError(f"{key}: null is not allowed here; expected {_describe_kind(known[0])} "
+                          f"(like {_show(known[0])})")
     for ref in known:
         kind = _kind(ref)
         if kind == "list":
@@ -123,12 +126,19 @@ def coerce(key: str, value: Any, refs: list[Any], raw: Any = None) -> Any:
         if ok:
             return out
     wanted = " or ".join(dict.fromkeys(_describe_kind(r) for r in known))
-    raise ConfigError(f"{key}: expected {wanted} (like {known[0]!r}), got {raw!r}")
+    raise ConfigError(f"{key}: expected {wanted} (like {_show(known[0])}), got {raw!r}")
 
 
 def _describe_kind(v: Any) -> str:
     return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-            "list": "a list such as [a, b]", "dict": "a mapping such as {k: v}"}.get(_kind(v), _kind(v))
+            "list": "a list", "dict": "a mapping"}.get(_kind(v), _kind(v))
+
+
+def _show(v: Any) -> str:
+    """A shipped value as a user would type it (a mapping by its first keys)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: ..." for k in list(v)[:3]) + (", ..." if len(v) > 3 else "") + "}"
+    return json.dumps(v, default=str)
 
 
 def set_dotted(cfg: dict, key: str, value: Any, shipped: list[Any] | None = None, raw: Any = None) -> None:

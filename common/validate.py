@@ -22,7 +22,8 @@ from .paths import cache_root
 RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "lr": (0, False, None, False), "warmup_lr": (0, True, None, False),
     "epochs": (1, True, None, False), "steps": (1, True, None, False), "checkpoint_every": (1, True, None, False),
-    "warmup_epochs": (0, True, None, False), "warmup_steps": (0, True, None, False), "min_steps": (0, True, None, False),
+    "warmup_epochs": (0, True, None, False), "warmup_steps": (0, True, None, False),
+    "min_steps": (0, True, None, False),
     "batch_size": (1, True, None, False), "eval_batch_size": (1, True, None, False),
     "shots": (1, True, None, False), "dg_shots": (1, True, None, False), "b2n_shots": (1, True, None, False),
     "fewshot_shots": (1, True, None, False), "ablation_shots": (1, True, None, False),

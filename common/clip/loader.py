@@ -174,9 +174,10 @@ def check_weights(arch: str, pretrained: str | os.PathLike | None, cache_dir: st
     checkpoint file or uncached tag weights. Returns how the weights will be read: "random", "file" or "tag"."""
     if arch not in open_clip.list_models():
         close = difflib.get_close_matches(str(arch), open_clip.list_models(), n=3)
-        raise ConfigError(f"unknown CLIP architecture {arch!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+        raise ConfigError(f"unknown CLIP architecture {arch!r}"
+                          + (f" (did you mean {', '.join(close)}?)" if close else "")
                           + f"; open_clip knows {len(open_clip.list_models())} (e.g. ViT-B-16, RN50) and the embedded "
-                          f"ones are {sorted(EMBEDDED_ARCHS)}")
+                            f"ones are {sorted(EMBEDDED_ARCHS)}")
     if pretrained is None or str(pretrained) == "":
         raise ConfigError(f"load_clip({arch!r}): `pretrained` is required (a tag, a checkpoint path, or 'random' "
                           f"for an explicitly random model). {EMBEDDED_HINT}")

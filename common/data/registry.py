@@ -47,7 +47,8 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if "{}" not in self.template:
-            raise InvalidDataError(f"dataset {self.name}: template {self.template!r} lacks a '{{}}' slot for the class name")
+            raise InvalidDataError(f"dataset {self.name}: template {self.template!r} lacks a '{{}}' slot for the "
+                                   f"class name")
         # CLIP's ImageNet names repeat ("missile", "sunglasses") and every published number uses them.
         if len(set(self.classnames)) != len(self.classnames) and not self.meta.get("allow_duplicate_classnames"):
             raise InvalidDataError(f"dataset {self.name}: duplicate class names")

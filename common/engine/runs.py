@@ -60,7 +60,8 @@ def write_record(record: dict[str, Any], root: Path | str | None = None) -> Path
 
 def record_line(rec: dict[str, Any]) -> str:
     """One line with a run's metrics, e.g. `fewshot dtd coop/m16_end k=1 seed=1: top1 52.50`."""
-    where = rec["dataset"] if rec.get("source", rec["dataset"]) == rec["dataset"] else f"{rec['source']}->{rec['dataset']}"
+    source = rec.get("source") or rec["dataset"]
+    where = rec["dataset"] if source == rec["dataset"] else f"{source}->{rec['dataset']}"
     method = rec["method"] + (f"/{rec['variant']}" if rec.get("variant") else "")
     shots = f" k={rec['shots']}" if rec.get("shots") is not None else ""
     values = "  ".join(f"{k} {v:.2f}" for k, v in rec["metrics"].items() if isinstance(v, (int, float)))

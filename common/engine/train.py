@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -169,7 +170,8 @@ class Trainer:
             return False
         if _RESTART.get():
             path.unlink()
-            tqdm.write(f"{self.desc}: force=true, so {path} was discarded and training starts from scratch")
+            tqdm.write(f"{self.desc}: force=true, so {path} was discarded and training starts from scratch",
+                       file=sys.stderr)
             return False
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if ckpt["config"] != asdict(self.cfg):
@@ -187,7 +189,7 @@ class Trainer:
         before = sum(h.get("wall_s", 0.0) for h in self.history)
         _RESUMED["seconds"] += before
         tqdm.write(f"{self.desc}: resumed from {path} at epoch {self.start_epoch}/{self.cfg.epochs} "
-                   f"({before:.1f} s of training before the interruption)")
+                   f"({before:.1f} s of training before the interruption)", file=sys.stderr)
         return True
 
     def _set_lr(self, epoch: float) -> float:
@@ -217,11 +219,12 @@ class Trainer:
                     out = step_fn(batch)
                 loss, logs = (out if isinstance(out, tuple) else (out, {}))
                 if not torch.isfinite(loss):
-                    kept = (f"the checkpoint of the last good epoch is kept in {self.checkpoint_path}"
-                            if self.checkpoint_path is not None and self.checkpoint_path.is_file() else "nothing was kept")
-                    raise TrainingDiverged(f"{self.desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}; {kept}. "
-                                           f"Lower the learning rate (e.g. --set train.lr=...) and rerun with "
-                                           f"--set force=true to restart from scratch")
+                    ckpt = self.checkpoint_path
+                    kept = (f"the checkpoint of the last good epoch is kept in {ckpt}"
+                            if ckpt is not None and ckpt.is_file() else "nothing was kept")
+                    raise TrainingDiverged(f"{self.desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}; "
+                                           f"{kept}. Lower the learning rate (e.g. --set train.lr=...) and rerun "
+                                           f"with --set force=true to restart from scratch")
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler:
                     self.scaler.scale(loss).backward()

@@ -173,7 +173,8 @@ def build_fgvc_aircraft(root: Path) -> Dataset:
         for n, line in enumerate(read_lines(path), 1):
             imname, _, variant = line.partition(" ")
             if variant not in label_of:
-                raise InvalidDataError(f"dataset {name!r}: {path} line {n}: variant {variant!r} is not in {root / 'variants.txt'}")
+                raise InvalidDataError(f"dataset {name!r}: {path} line {n}: variant {variant!r} is not in "
+                                       f"{root / 'variants.txt'}")
             items.append(Datum(str(image_dir / f"{imname}.jpg"), label_of[variant], clean_classname(variant)))
         check_listed([d.impath for d in items], name, path)
         splits[split] = items

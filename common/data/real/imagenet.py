@@ -50,8 +50,8 @@ def _read_folders(name: str, split_dir: Path, folders: list[str], names: dict[st
     """Images of `folders` (label = position in the list), sorted by file name."""
     unknown = [f for f in folders if f not in names]
     if unknown:
-        raise InvalidDataError(f"dataset {name!r}: {len(unknown)} class folders in {split_dir} are not in classnames.txt, "
-                         f"e.g. {unknown[:5]}")
+        raise InvalidDataError(f"dataset {name!r}: {len(unknown)} class folders in {split_dir} are not in "
+                               f"classnames.txt, e.g. {unknown[:5]}")
     # Listing 1.28M files takes a while; reuse the listing in this process while no folder changed.
     stamps = tuple(os.stat(split_dir / f).st_mtime_ns for f in folders)
     files = _list_files(str(split_dir), tuple(folders), stamps)

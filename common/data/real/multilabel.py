@@ -107,7 +107,7 @@ def _parse_coco(path: str, image_dir: str, mtime: int, size: int):
     unknown = [i for i in targets if i not in files]
     if unknown:
         raise InvalidDataError(f"COCO annotation file {path}: {len(unknown)} annotated image ids are not in 'images', "
-                         f"e.g. {unknown[:5]}")
+                               f"e.g. {unknown[:5]}")
     return tuple(c["name"] for c in cats), tuple((str(image_dir / files[i]), tuple(sorted(t)))
                                                  for i, t in targets.items())
 

@@ -27,13 +27,14 @@ def _build(root: Path, info: SetInfo) -> Dataset:
     split_file = root / f"split_zhou_{info.folder}.json"
     if not split_file.is_file():
         raise MissingDataError(f"dataset {info.name}: {split_file} is missing; write the embedded suite with "
-                                f"`dvc repro world` (or `python -m common.data.synthetic.suite --root {root.parent}`)")
+                               f"`dvc repro world` (or `python -m common.data.synthetic.suite --root {root.parent}`)")
     splits = read_split_json(split_file, root / "images")
     bad = [d for s in splits.values() for d in s
            if not (0 <= d.label < len(info.classnames) and info.classnames[d.label] == d.classname)]
     if bad:
-        raise InvalidDataError(f"dataset {info.name}: {len(bad)} entries of {split_file} disagree with the catalogue's class "
-                         f"names (e.g. label {bad[0].label} {bad[0].classname!r}); rewrite the suite")
+        raise InvalidDataError(f"dataset {info.name}: {len(bad)} entries of {split_file} disagree with the "
+                               f"catalogue's class names (e.g. label {bad[0].label} {bad[0].classname!r}); rewrite "
+                               f"the suite")
     # the world is project data: its few-shot files live beside its images (written by the world stage)
     meta = {"about": info.about, "kind": info.kind, "fewshot_dir": str(root / FEWSHOT_FOLDER),
             "descriptors": {k: str(root / f"descriptors_{k}.json") for k in ("cupl", "vcd")},
