@@ -117,9 +117,9 @@ def build_dataset(name: str, data_root: str | Path) -> Dataset:
     """Build dataset `name` from `<data_root>/<its folder>`."""
     root = dataset_dir(name, data_root)
     if not root.is_dir():
-        layout = inspect.getdoc(_BUILDERS[name]) or "(see common/data/real/README.md)"
-        raise MissingDataError(
-            f"dataset {name!r}: folder {root} does not exist. Expected layout:\n{layout}\n"
+        about = inspect.getdoc(_BUILDERS[name]) or "Expected layout: see common/data/real/README.md"
+        raise MissingDataError(  # the builder's docstring says what the dataset is and its folder layout
+            f"dataset {name!r}: folder {root} does not exist.\n{about}\n"
             f"Or use the embedded profile (`make repro` writes data/embedded/).")
     ds = _BUILDERS[name](root)
     ds.root = root

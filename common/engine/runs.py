@@ -64,7 +64,7 @@ def record_line(rec: dict[str, Any]) -> str:
     where = rec["dataset"] if source == rec["dataset"] else f"{source}->{rec['dataset']}"
     method = rec["method"] + (f"/{rec['variant']}" if rec.get("variant") else "")
     shots = f" k={rec['shots']}" if rec.get("shots") is not None else ""
-    values = "  ".join(f"{k} {v:.2f}" for k, v in rec["metrics"].items() if isinstance(v, (int, float)))
+    values = "  ".join(f"{k} {v:.2f}" for k, v in sorted(rec["metrics"].items()) if isinstance(v, (int, float)))
     return f"{rec['protocol']} {where} {method}{shots} seed={rec['seed']}: {values}"
 
 

@@ -82,6 +82,6 @@ def test_records_cover_the_whole_run_say_what_was_used_and_print_metrics(tmp_pat
     assert rec["shots"] == 8 and rec["shots_used"] == {"min": 6, "max": 6, "classes_short": 4}
     out = capsys.readouterr()
     assert "4 of 4 classes have fewer than 8 training images (as few as 6)" in out.err
-    assert "resumed from" in out.err and "fewshot toy demo k=8 seed=1: top1 50.00" in out.out
+    assert "resumed from" in out.err and "fewshot toy demo k=8 seed=1: top1 50.00\n" in out.out
     assert run_fewshot(cfg, "demo", "demo", fit_eval) == []
     assert "fewshot toy demo k=8 seed=1: top1 50.00  (existing record" in capsys.readouterr().out
