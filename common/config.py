@@ -111,7 +111,7 @@ def coerce(key: str, value: Any, refs: list[Any], raw: Any = None) -> Any:
             return None
         raise ConfigError(f"{key}: null is not allowed here; expected {_describe_kind(known[0])} "
                           f"(like {_show(known[0])})")
-    for ref in known:
+    for ref in sorted(known, key=lambda r: isinstance(r, str)):  # a typed number is a number before it is text
         kind = _kind(ref)
         if kind == "list":
             items = value if isinstance(value, list) else [value]

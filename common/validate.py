@@ -37,6 +37,7 @@ CHOICES = {"class_token_position": ("end", "middle", "front")}  # more: the trai
 # options naming datasets (a name or a list of names), wherever they sit
 DATASET_OPTIONS = ("datasets", "dg_source", "dg_targets", "xd_source", "tax_datasets", "eval_on", "nfl_source")
 NOT_EMPTY = ("datasets", "seeds", "shots")  # top-level lists a run iterates over
+AUTO = ("num_workers",)  # numeric options that may be `auto` (resolved by `resolve_auto`)
 PRECISIONS = ("fp32", "fp16", "bf16", "amp")
 SHOWN_BAD_IMAGES = 20
 
@@ -71,7 +72,9 @@ def option_problems(cfg: dict) -> list[str]:
     for key, name, value in _walk(cfg):
         if name in choices and value is not None and value not in choices[name]:
             out.append(f"{key} must be one of {', '.join(choices[name])}, got {value!r}")
-        if name in RANGES and not (name == "num_workers" and value == "auto"):
+        if name in RANGES and isinstance(value, str) and not (name in AUTO and value == "auto"):
+            out.append(f"{key} must be a number{' or auto' if name in AUTO else ''}, got {value!r}")
+        elif name in RANGES:
             lo, lo_ok, hi, hi_ok = RANGES[name]
             bad = [x for x in _numbers(value) if (lo is not None and (x < lo or (x == lo and not lo_ok)))
                    or (hi is not None and (x > hi or (x == hi and not hi_ok)))]

@@ -35,6 +35,9 @@ def test_wise_ft_real_profile_picks_device_and_workers_and_says_so(monkeypatch):
     assert said == ["device auto -> cpu (no CUDA device)", "e2e.num_workers auto -> 1 (2 CPU cores)"]
     cuda = load_config(wise.CONFIG, "real", ["device=cuda"])
     assert any("no CUDA device" in p for p in option_problems(cuda))
+    assert load_config(wise.CONFIG, "real", ["e2e.num_workers=4"])["e2e"]["num_workers"] == 4  # a number, not "4"
+    many = load_config(wise.CONFIG, "real", ["e2e.num_workers=many"])
+    assert option_problems(many) == ["e2e.num_workers must be a number or auto, got 'many'"]
 
 
 def test_clean_images_are_checked_once(tmp_path, monkeypatch):
