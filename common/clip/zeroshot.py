@@ -11,6 +11,7 @@ from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 
 from .loader import ClipBundle
 
+from ..atomic import atomic_write
 from ..paths import cache_root
 
 # open_clip's templates are callables; keep them as format strings so they hash and print.
@@ -46,10 +47,7 @@ def zeroshot_classifier(bundle: ClipBundle, classnames: Sequence[str], templates
     bundle.model.train(was_training)
     weights = weights.T.contiguous().float()  # (K, D)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(weights.cpu(), tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: torch.save(weights.cpu(), tmp))
     return weights
 
 

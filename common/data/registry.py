@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import InvalidDataError, MissingDataError, UnknownNameError
+
 # Modules whose import registers builders. Listed here (not discovered) so an import error is loud.
 BUILDER_MODULES = ("common.data.real", "common.data.synthetic.datasets")
 
@@ -49,10 +51,11 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if "{}" not in self.template:
-            raise ValueError(f"dataset {self.name}: template {self.template!r} lacks a '{{}}' slot for the class name")
+            raise InvalidDataError(f"dataset {self.name}: template {self.template!r} lacks a '{{}}' slot for the "
+                                   f"class name")
         # CLIP's ImageNet names repeat ("missile", "sunglasses") and every published number uses them.
         if len(set(self.classnames)) != len(self.classnames) and not self.meta.get("allow_duplicate_classnames"):
-            raise ValueError(f"dataset {self.name}: duplicate class names")
+            raise InvalidDataError(f"dataset {self.name}: duplicate class names")
 
     @property
     def num_classes(self) -> int:
@@ -132,7 +135,7 @@ def dataset_dir(name: str, data_root: str | Path) -> Path:
     """Folder of dataset `name` under `data_root`."""
     _load_builders()
     if name not in _BUILDERS:
-        raise KeyError(f"unknown dataset {name!r}; registered: {', '.join(sorted(_BUILDERS))}")
+        raise UnknownNameError(f"unknown dataset {name!r}; registered: {', '.join(sorted(_BUILDERS))}")
     return Path(data_root) / _DEFAULT_ROOTS[name]
 
 
@@ -140,9 +143,9 @@ def build_dataset(name: str, data_root: str | Path) -> Dataset:
     """Build dataset `name` from `<data_root>/<its folder>`."""
     root = dataset_dir(name, data_root)
     if not root.is_dir():
-        layout = inspect.getdoc(_BUILDERS[name]) or "(see common/data/real/README.md)"
-        raise FileNotFoundError(
-            f"dataset {name!r}: folder {root} does not exist. Expected layout:\n{layout}\n"
+        about = inspect.getdoc(_BUILDERS[name]) or "Expected layout: see common/data/real/README.md"
+        raise MissingDataError(  # the builder's docstring says what the dataset is and its folder layout
+            f"dataset {name!r}: folder {root} does not exist.\n{about}\n"
             f"Or use the embedded profile (`make repro` writes data/embedded/).")
     ds = _BUILDERS[name](root)
     ds.root = root

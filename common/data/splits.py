@@ -1,13 +1,18 @@
 """CoOp-style split files, few-shot sampling and the base/novel class split."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
-from collections import defaultdict
+import sys
+from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+from ..errors import InvalidDataError, MissingDataError
+from ..paths import cache_root
 from .registry import Dataset, Datum
 
 
@@ -18,19 +23,19 @@ def read_split_json(path: str | Path, image_dir: str | Path, check_files: bool =
     (path of the first few and how many), never later inside a DataLoader worker."""
     path, image_dir = Path(path), Path(image_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"split file {path} does not exist")
+        raise MissingDataError(f"split file {path} does not exist")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"split file {path} is not valid JSON: {err}") from err
+        raise InvalidDataError(f"split file {path} is not valid JSON: {err}") from err
     out: dict[str, list[Datum]] = {}
     for split in ("train", "val", "test"):
         if split not in raw:
-            raise ValueError(f"split file {path} lacks the {split!r} list")
+            raise InvalidDataError(f"split file {path} lacks the {split!r} list")
         items = []
         for row in raw[split]:
             if not (isinstance(row, (list, tuple)) and len(row) == 3):
-                raise ValueError(f"split file {path}: {split} entry {row!r} is not [relpath, label, classname]")
+                raise InvalidDataError(f"split file {path}: {split} entry {row!r} is not [relpath, label, classname]")
             rel, label, cname = row
             items.append(Datum(str(image_dir / rel), int(label), str(cname)))
         out[split] = items
@@ -51,7 +56,7 @@ def check_exists(paths: list[str], what: str) -> None:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         shown = "\n  ".join(missing[:5])
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} files {what} are missing, e.g.:\n  {shown}")
+        raise MissingDataError(f"{len(missing)} of {len(paths)} files {what} are missing, e.g.:\n  {shown}")
 
 
 def classnames_from(items: list[Datum]) -> list[str]:
@@ -59,10 +64,10 @@ def classnames_from(items: list[Datum]) -> list[str]:
     names: dict[int, str] = {}
     for d in items:
         if names.setdefault(d.label, d.classname) != d.classname:
-            raise ValueError(f"label {d.label} has two class names: {names[d.label]!r} and {d.classname!r}")
+            raise InvalidDataError(f"label {d.label} has two class names: {names[d.label]!r} and {d.classname!r}")
     labels = sorted(names)
     if labels != list(range(len(labels))):
-        raise ValueError(f"labels are not contiguous 0..{len(labels) - 1}: {labels[:10]}...")
+        raise InvalidDataError(f"labels are not contiguous 0..{len(labels) - 1}: {labels[:10]}...")
     return [names[i] for i in labels]
 
 
@@ -85,36 +90,81 @@ def sample_per_class(items: list[Datum], shots: int, seed: int, repeat: bool = F
     return out
 
 
-def fewshot_split(dataset: Dataset, shots: int, seed: int, cache_dir: str | Path | None = None) -> Dataset:
-    """The dataset with K-shot train and min(K, 4)-shot val (CoOp's protocol), cached to a JSON file.
+FEWSHOT_FOLDER = "split_fewshot"
+_NOTED: set[tuple[str, int]] = set()
 
-    The file `split_fewshot/shot_{K}-seed_{S}.json` lives beside the dataset so every method and rerun sees
-    the same shots."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else (Path(dataset.root) / "split_fewshot" if dataset.root else None)
-    path = cache_dir / f"shot_{shots}-seed_{seed}.json" if cache_dir else None
+
+def _rel(dataset: Dataset, p: str) -> str:
+    """A path relative to the dataset folder, so a moved data root keeps its shots."""
     base = Path(dataset.root) if dataset.root else None
+    return str(Path(p).relative_to(base)) if base is not None and Path(p).is_relative_to(base) else p
 
-    def rel(p: str) -> str:  # paths relative to the dataset folder, so a moved data root keeps its shots
-        return str(Path(p).relative_to(base)) if base is not None and Path(p).is_relative_to(base) else p
 
-    if path is not None and path.is_file():
+def split_digest(dataset: Dataset) -> str:
+    """Digest of what few-shot sampling draws from (the train and val lists of the split file, relative paths and
+    labels): keys the cached few-shot files, so an edited split file gets new shots."""
+    h = hashlib.sha256(dataset.name.encode())
+    for split in ("train", "val"):
+        for d in getattr(dataset, split):
+            h.update(f"{split}\t{_rel(dataset, d.impath)}\t{d.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fewshot_file(dataset: Dataset, shots: int, seed: int) -> Path:
+    """Where the few-shot file of (K, seed) is read from and written to. Project data (the embedded world, whose
+    builder sets `meta["fewshot_dir"]`) keeps its files beside its images, written with the world. A user's data
+    folder is never written: a file already beside the dataset (`split_fewshot/`, from an earlier version of this
+    project) is read; anything else lives in the project cache, `<cache>/fewshot/<name>-<split digest>/`."""
+    name = f"shot_{shots}-seed_{seed}.json"
+    if dataset.meta.get("fewshot_dir"):
+        return Path(dataset.meta["fewshot_dir"]) / name
+    if dataset.root is not None and (Path(dataset.root) / FEWSHOT_FOLDER / name).is_file():
+        return Path(dataset.root) / FEWSHOT_FOLDER / name
+    return cache_root() / "fewshot" / f"{dataset.name}-{split_digest(dataset)}" / name
+
+
+def fewshot_split(dataset: Dataset, shots: int, seed: int, cache_dir: str | Path | None = None) -> Dataset:
+    """The dataset with K-shot train and min(K, 4)-shot val (CoOp's protocol), kept in a JSON file (`fewshot_file`,
+    or `cache_dir/shot_{K}-seed_{S}.json`) so every method and rerun sees the same shots.
+
+    A class with fewer than K training images keeps all of them (Dassl's rule): the returned dataset's
+    `meta["shots_used"]` then says how many were used, and a note is printed once."""
+    path = Path(cache_dir) / f"shot_{shots}-seed_{seed}.json" if cache_dir is not None else \
+        fewshot_file(dataset, shots, seed)
+    if path.is_file():
         raw = json.loads(path.read_text())
-        index = {rel(d.impath): d for d in dataset.train + dataset.val}
+        index = {_rel(dataset, d.impath): d for d in dataset.train + dataset.val}
         try:
             train = [index[p] for p in raw["train"]]
             val = [index[p] for p in raw["val"]]
         except KeyError as err:
-            raise ValueError(f"few-shot file {path} names {err} which is not in dataset {dataset.name}; "
-                             f"delete the file to resample") from err
+            raise InvalidDataError(f"few-shot file {path} names {err} which is not in dataset {dataset.name}; "
+                                   f"delete the file to resample") from err
     else:
         train = sample_per_class(dataset.train, shots, seed)
         val = sample_per_class(dataset.val, min(shots, 4), seed) if dataset.val else []
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"train": [rel(d.impath) for d in train], "val": [rel(d.impath) for d in val]}))
-            tmp.replace(path)
-    return replace(dataset, train=train, val=val)
+        text = json.dumps({"train": [_rel(dataset, d.impath) for d in train],
+                           "val": [_rel(dataset, d.impath) for d in val]})
+        write_text_atomic(path, text)
+    out = replace(dataset, train=train, val=val)
+    used = shots_used(train, shots)
+    if used:
+        out.meta = {**dataset.meta, "shots_used": used}
+        if (dataset.name, shots) not in _NOTED:
+            _NOTED.add((dataset.name, shots))
+            print(f"note: {dataset.name}: {used['classes_short']} of {dataset.num_classes} classes have fewer than "
+                  f"{shots} training images (as few as {used['min']}); they train on all they have, as CoOp's protocol "
+                  f"does, and the run records shots_used", file=sys.stderr)
+    return out
+
+
+def shots_used(train: list[Datum], shots: int) -> dict | None:
+    """Per-class training images actually drawn, when some class has fewer than `shots` (else None)."""
+    counts = Counter(d.label for d in train)
+    short = [c for c in counts.values() if c < shots]
+    if not short:
+        return None
+    return {"min": min(counts.values()), "max": max(counts.values()), "classes_short": len(short)}
 
 
 # Per-class lists in Dataset.meta that must follow a class subset.

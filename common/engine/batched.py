@@ -34,7 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .train import TrainConfig, index_batches, lr_at
+import sys
+
+from ..atomic import atomic_write, write_text_atomic
+from ..errors import ConfigError, TrainingDiverged
+from .train import _RESTART, _RESUMED, TrainConfig, index_batches, lr_at
 
 StepFn = Callable[[list], Any]
 
@@ -197,6 +201,7 @@ class BatchedTrainer:
         self.evals: list[list[dict]] = [[] for _ in self.runs]
         self._acc: list[dict] = [{} for _ in self.runs]      # sums of the current epoch's losses/logs per run
         self._epoch_start = [time.time()] * len(self.runs)
+        self._before, self._t_start = 0.0, time.time()
         self.resumed_at = 0
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -211,29 +216,41 @@ class BatchedTrainer:
         path = self.checkpoint_path
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{time.time_ns()}.tmp")
-        try:
-            torch.save({"t": self.t, "params": [p.detach().cpu().clone() for p in self.params],
-                        "optimizer": self.opt.state_dict(), "history": self.history, "evals": self.evals,
-                        "acc": self._acc, "runs": self._signature()}, tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        state = {"t": self.t, "params": [p.detach().cpu().clone() for p in self.params],
+                 "optimizer": self.opt.state_dict(), "history": self.history, "evals": self.evals,
+                 "acc": self._acc, "runs": self._signature(), "elapsed": self.elapsed()}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def elapsed(self) -> float:
+        """Training seconds so far, those before a resume included."""
+        return self._before + time.time() - self._t_start
 
     def maybe_resume(self) -> bool:
+        """Resume from `out_dir/checkpoint.pt` (same runs and settings) and say so; under `--set force=true`
+        (`train.restarting`) an existing checkpoint is deleted and training starts from scratch."""
         path = self.checkpoint_path
         if path is None or not path.is_file():
             return False
+        if _RESTART.get():
+            path.unlink()
+            tqdm.write(f"{self.desc}: force=true, so {path} was discarded and training starts from scratch",
+                       file=sys.stderr)
+            return False
         ck = torch.load(path, map_location="cpu", weights_only=False)
         if ck["runs"] != self._signature():
-            raise ValueError(f"checkpoint {path} was written for other runs or settings; delete it to restart")
+            raise ConfigError(f"checkpoint {path} of an interrupted run was written for other runs or training "
+                              f"options; rerun with the old options to resume it, or add --set force=true to start "
+                              f"from scratch")
         with torch.no_grad():
             for p, v in zip(self.params, ck["params"]):
                 p.copy_(v.to(p.device))
         self.opt.load_state_dict(ck["optimizer"])
         self.t, self.history, self.evals, self._acc = ck["t"], ck["history"], ck["evals"], ck["acc"]
         self.resumed_at = self.t
+        self._before = float(ck.get("elapsed", 0.0))
+        _RESUMED["seconds"] += self._before
+        tqdm.write(f"{self.desc}: resumed from {path} at step {self.t}/{self.total} ({self._before:.1f} s of "
+                   f"training before the interruption)", file=sys.stderr)
         return True
 
     # -- training ---------------------------------------------------------------------------------
@@ -257,7 +274,12 @@ class BatchedTrainer:
             if not torch.isfinite(live).all():
                 bad = [self.runs[i].label or str(i) for i in torch.nonzero(active).flatten().tolist()
                        if not torch.isfinite(losses[i])]
-                raise FloatingPointError(f"loss is not finite at step {t + 1} for run(s) {bad}")
+                ckpt = self.checkpoint_path
+                kept = (f"the last checkpoint is kept in {ckpt}" if ckpt is not None and ckpt.is_file()
+                        else "nothing was kept")
+                raise TrainingDiverged(f"{self.desc}: loss is not finite at step {t + 1} for run(s) {bad}; {kept}. "
+                                       f"Lower the learning rate (e.g. --set train.lr=...) and rerun with --set "
+                                       f"force=true to restart from scratch")
             self.opt.zero_grad()
             live.sum().backward()
             if self.grad_clip:
@@ -277,7 +299,7 @@ class BatchedTrainer:
                 self._eval(eval_fn)
             if self.out_dir is not None:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                (self.out_dir / "train_log.json").write_text(json.dumps(
+                write_text_atomic(self.out_dir / "train_log.json", json.dumps(
                     [{"run": r.label, "epochs": h, "evals": e} for r, h, e in zip(self.runs, self.history, self.evals)],
                     indent=1))
         return self.history

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write
 from ..clip.loader import ClipBundle
 from ..data.images import ImageListDataset, build_transform
 from ..data.registry import Datum
@@ -50,10 +51,7 @@ class FeatureCache:
             return torch.load(path, map_location="cpu", weights_only=True)
         self.misses += 1
         value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(value, tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: torch.save(value, tmp))
         return value
 
 

@@ -5,6 +5,7 @@ interrupted `reproduce` continues where it stopped), and writes one run record p
 """
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from ..clip.loader import ClipBundle, load_clip
 from ..data import Dataset, build_dataset, fewshot_split, subsample_classes
 from ..paths import runs_root
 from .cache import cached_features
-from .runs import run_dir, write_record
+from .runs import print_record, run_dir, write_record
 from .seed import seed_everything
+from .train import take_resumed_seconds
 
 _BUNDLES: dict[tuple, ClipBundle] = {}
 
@@ -53,16 +55,27 @@ class Task:
 
 
 def _record(cfg: dict, paper: str, method: str, variant: str, protocol: str, dataset: str, source: str,
-            shots: int | None, seed: int, values: dict, wall: float, n_classes: int | None = None) -> dict:
-    return {"paper": paper, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": protocol,
-            "dataset": dataset, "source": source, "backbone": cfg["arch"], "shots": shots, "seed": seed,
-            "n_classes": n_classes,
-            "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
+            shots: int | None, seed: int, values: dict, wall: float, n_classes: int | None = None,
+            train: Dataset | None = None) -> dict:
+    """A run record. `wall_s` is the whole run's time, training done before a resume included; `shots_used` appears
+    when some class had fewer than `shots` training images (`fewshot_split` keeps all of them)."""
+    rec = {"paper": paper, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": protocol,
+           "dataset": dataset, "source": source, "backbone": cfg["arch"], "shots": shots, "seed": seed,
+           "n_classes": n_classes,
+           "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
+    if train is not None and train.meta.get("shots_used"):
+        rec["shots_used"] = train.meta["shots_used"]
+    return rec
 
 
 def _exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=None) -> bool:
-    return (run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant, source)
-            / "metrics.json").is_file() and not cfg.get("force", False)
+    """Whether the run's record exists (and `force` is off); an existing record's metrics are printed."""
+    path = run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant, source) \
+        / "metrics.json"
+    if cfg.get("force", False) or not path.is_file():
+        return False
+    print_record(json.loads(path.read_text()), existing=True)
+    return True
 
 
 def checkpoint_dir(cfg, paper, protocol, dataset, method, shots, seed, variant):
@@ -72,9 +85,10 @@ def checkpoint_dir(cfg, paper, protocol, dataset, method, shots, seed, variant):
 
 
 def _finish(rec: dict, out_dir) -> dict:
-    """Write the record, then drop the run's resume checkpoint: it exists only to survive interruption,
-    and a stale one must never be 'resumed' by a later run with changed code."""
+    """Write the record (and print its metrics), then drop the run's resume checkpoint: it exists only to survive
+    interruption, and a stale one must never be 'resumed' by a later run with changed code."""
     write_record(rec)
+    print_record(rec)
     if out_dir is not None:
         ckpt = Path(out_dir) / "checkpoint.pt"
         ckpt.unlink(missing_ok=True)
@@ -110,14 +124,14 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
     for name, k, seed in tqdm(jobs, desc=f"{paper}/{method} few-shot"):
         if _exists(cfg, paper, "fewshot", name, method, k, seed, variant):
             continue
-        t0 = time.time()
+        t0, _ = time.time(), take_resumed_seconds()
         full = build_dataset(name, cfg["data_root"])
         task = Task(cfg, bundle, fewshot_split(full, k, seed), k, seed,
                     checkpoint_dir(cfg, paper, "fewshot", name, method, k, seed, variant))
         seed_everything(seed)
         values = fit_eval(task)
-        rec = _record(cfg, paper, method, variant, "fewshot", name, name, k, seed, values, time.time() - t0,
-                      full.num_classes)
+        rec = _record(cfg, paper, method, variant, "fewshot", name, name, k, seed, values,
+                      time.time() - t0 + take_resumed_seconds(), full.num_classes, task.dataset)
         out.append(_finish(rec, task.out_dir))
     return out
 
@@ -128,17 +142,17 @@ def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle)
         cells = [(k, s) for d, k, s in jobs if d == name and not _exists(cfg, paper, "fewshot", d, method, k, s, variant)]
         if not cells:
             continue
-        t0 = time.time()
+        t0, _ = time.time(), take_resumed_seconds()
         full = build_dataset(name, cfg["data_root"])
         tasks = [Task(cfg, bundle, fewshot_split(full, k, s), k, s,
                       checkpoint_dir(cfg, paper, "fewshot", name, method, k, s, variant)) for k, s in cells]
         states = _fit_all(SimpleNamespace(many=fit.fit_many), tasks,
                           group_dir(cfg, paper, "fewshot", name, method, variant, cells))
-        wall = (time.time() - t0) / len(tasks)      # the group's time, shared by its runs
+        wall = (time.time() - t0 + take_resumed_seconds()) / len(tasks)   # the group's time, shared by its runs
         for task, state in zip(tasks, states):
             values = fit.evaluate(state, task)
             rec = _record(cfg, paper, method, variant, "fewshot", name, name, task.shots, task.seed, values, wall,
-                          full.num_classes)
+                          full.num_classes, task.dataset)
             out.append(_finish(rec, task.out_dir))
     return out
 
@@ -171,7 +185,7 @@ def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any
         todo = [s for s in (seeds or cfg["seeds"]) if not _exists(cfg, paper, "base2novel", name, method, shots, s, variant)]
         if not todo:
             continue
-        t0 = time.time()
+        t0, _ = time.time(), take_resumed_seconds()
         data = build_dataset(name, cfg["data_root"])
         pairs = []
         for seed in todo:
@@ -181,12 +195,13 @@ def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any
                           Task(cfg, bundle, subsample_classes(full, "new"), shots, seed, ckpt)))
         states = _fit_all(fit, [b for b, _ in pairs], group_dir(cfg, paper, "base2novel", name, method, variant,
                                                                  [(shots, s) for s in todo]))
-        wall = (time.time() - t0) / len(todo)
+        wall = (time.time() - t0 + take_resumed_seconds()) / len(todo)
         for (base, novel), state in zip(pairs, states):
             b = evaluate(state, base)["top1"]
             n = evaluate(state, novel)["top1"]
             rec = _record(cfg, paper, method, variant, "base2novel", name, name, shots, base.seed,
-                          {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)}, wall, data.num_classes)
+                          {"base": b, "novel": n, "hm": metrics.harmonic_mean(b, n)}, wall, data.num_classes,
+                          base.dataset)
             out.append(_finish(rec, base.out_dir))
     return out
 
@@ -205,11 +220,12 @@ def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callabl
             if not all(_exists(cfg, paper, protocol, t, method, shots, s, variant, source) for t in names)]
     if not todo:
         return []
-    t0 = time.time()
+    t0, _ = time.time(), take_resumed_seconds()
     full = build_dataset(source, cfg["data_root"])
     tasks = [Task(cfg, bundle, fewshot_split(full, shots, s) if shots else full, shots, s,
                   checkpoint_dir(cfg, paper, protocol, source, method, shots, s, variant)) for s in todo]
     states = _fit_all(fit, tasks, group_dir(cfg, paper, protocol, source, method, variant, [(shots, s) for s in todo]))
+    wall = (time.time() - t0 + take_resumed_seconds()) / len(todo)
     targets_ds = {name: build_dataset(name, cfg["data_root"]) for name in names if name != source}
     out = []
     for task, state in tqdm(list(zip(tasks, states)), desc=f"{paper}/{method} {protocol}"):
@@ -217,7 +233,7 @@ def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callabl
             ds = task.dataset if name == source else targets_ds[name]
             values = evaluate(state, Task(cfg, bundle, ds, shots, task.seed, task.out_dir))
             rec = _record(cfg, paper, method, variant, protocol, name, source, shots, task.seed, values,
-                          (time.time() - t0) / len(todo), ds.num_classes)
+                          wall, ds.num_classes, task.dataset)
             out.append(_finish(rec, task.out_dir if name == names[-1] else None))
     return out
 

@@ -27,7 +27,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from tqdm.auto import tqdm
+
 REQUIRED_KEYS = ("paper", "method", "profile", "protocol", "dataset", "backbone", "seed", "metrics")
+from ..atomic import write_text_atomic
 from ..paths import runs_root
 
 
@@ -52,11 +55,22 @@ def write_record(record: dict[str, Any], root: Path | str | None = None) -> Path
     rec = {"variant": "", "source": record["dataset"], "shots": None, **record}
     path = run_dir(rec["paper"], rec["protocol"], rec["profile"], rec["dataset"], rec["backbone"],
                    rec["method"], rec["shots"], rec["seed"], rec["variant"], rec["source"], root) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, default=str))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(rec, indent=1, sort_keys=True, default=str))
+
+
+def record_line(rec: dict[str, Any]) -> str:
+    """One line with a run's metrics, e.g. `fewshot dtd coop/m16_end k=1 seed=1: top1 52.50`."""
+    source = rec.get("source") or rec["dataset"]
+    where = rec["dataset"] if source == rec["dataset"] else f"{source}->{rec['dataset']}"
+    method = rec["method"] + (f"/{rec['variant']}" if rec.get("variant") else "")
+    shots = f" k={rec['shots']}" if rec.get("shots") is not None else ""
+    values = "  ".join(f"{k} {v:.2f}" for k, v in sorted(rec["metrics"].items()) if isinstance(v, (int, float)))
+    return f"{rec['protocol']} {where} {method}{shots} seed={rec['seed']}: {values}"
+
+
+def print_record(rec: dict[str, Any], existing: bool = False) -> None:
+    """Print a run's metrics (beside any progress bar); `existing`: a finished run that was not rerun."""
+    tqdm.write(record_line(rec) + ("  (existing record; --set force=true reruns it)" if existing else ""))
 
 
 def load_records(root: Path | str | None = None, **filters: Any) -> list[dict[str, Any]]:

@@ -7,8 +7,11 @@ A method supplies the module that holds its trainable state, a `step_fn(batch) -
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,9 +21,33 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write, write_text_atomic
+from ..errors import ConfigError, TrainingDiverged
 from .seed import rng_state, seed_everything, set_rng_state
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
+CHOICES = {"optimizer": OPTIMIZERS, "warmup_type": ("constant", "linear"), "schedule": ("cosine", "constant"),
+           "schedule_unit": ("epoch", "iter")}  # also checked by common.validate before a run starts
+_RESTART: contextvars.ContextVar[bool] = contextvars.ContextVar("restart", default=False)
+_RESUMED = {"seconds": 0.0}  # training time that resumed runs had spent before their interruption
+
+
+@contextlib.contextmanager
+def restarting(enabled: bool = True):
+    """Within this block trainers delete an existing resume checkpoint instead of resuming it (`--set force=true`:
+    after a diverged run or changed options, restart without deleting files by hand)."""
+    token = _RESTART.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _RESTART.reset(token)
+
+
+def take_resumed_seconds() -> float:
+    """Training time that the runs resumed since the last call had spent before their interruption (and reset it):
+    a protocol adds it to a run's wall time, so `wall_s` covers the whole run."""
+    seconds, _RESUMED["seconds"] = _RESUMED["seconds"], 0.0
+    return seconds
 
 
 @dataclass
@@ -42,25 +69,22 @@ class TrainConfig:
     checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_epochs < self.epochs + 1:
-            raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
-        for name, allowed in (("warmup_type", ("constant", "linear")), ("schedule", ("cosine", "constant")),
-                              ("schedule_unit", ("epoch", "iter"))):
+            raise ConfigError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown training options {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown training options {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -133,22 +157,28 @@ class Trainer:
     def _save(self, epoch: int) -> None:
         if self.checkpoint_path is None:
             return
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save({"epoch": epoch, "module": trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state(),
-                    "history": self.history, "config": asdict(self.cfg)}, tmp)
-        tmp.replace(self.checkpoint_path)
+        state = {"epoch": epoch, "module": trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state(),
+                 "history": self.history, "config": asdict(self.cfg)}
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     def maybe_resume(self) -> bool:
-        """Resume from `out_dir/checkpoint.pt` if present (config must match)."""
+        """Resume from `out_dir/checkpoint.pt` if present (config must match), and say so. Inside `restarting()`
+        (`--set force=true`) an existing checkpoint is deleted instead and training starts from scratch."""
         path = self.checkpoint_path
         if path is None or not path.is_file():
+            return False
+        if _RESTART.get():
+            path.unlink()
+            tqdm.write(f"{self.desc}: force=true, so {path} was discarded and training starts from scratch",
+                       file=sys.stderr)
             return False
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if ckpt["config"] != asdict(self.cfg):
             diff = {k: (ckpt["config"].get(k), v) for k, v in asdict(self.cfg).items() if ckpt["config"].get(k) != v}
-            raise ValueError(f"checkpoint {path} was written with another config {diff}; delete it to restart")
+            raise ConfigError(f"checkpoint {path} of an interrupted run was written with another config of "
+                              f"training options (old, new): {diff}; rerun with the old options to resume it, or add "
+                              f"--set force=true to start from scratch")
         load_trainable_state(self.module, ckpt["module"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler and ckpt["scaler"]:
@@ -156,6 +186,10 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.history = ckpt["history"]
         self.start_epoch = ckpt["epoch"] + 1
+        before = sum(h.get("wall_s", 0.0) for h in self.history)
+        _RESUMED["seconds"] += before
+        tqdm.write(f"{self.desc}: resumed from {path} at epoch {self.start_epoch}/{self.cfg.epochs} "
+                   f"({before:.1f} s of training before the interruption)", file=sys.stderr)
         return True
 
     def _set_lr(self, epoch: float) -> float:
@@ -185,7 +219,12 @@ class Trainer:
                     out = step_fn(batch)
                 loss, logs = (out if isinstance(out, tuple) else (out, {}))
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}")
+                    ckpt = self.checkpoint_path
+                    kept = (f"the checkpoint of the last good epoch is kept in {ckpt}"
+                            if ckpt is not None and ckpt.is_file() else "nothing was kept")
+                    raise TrainingDiverged(f"{self.desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}; "
+                                           f"{kept}. Lower the learning rate (e.g. --set train.lr=...) and rerun "
+                                           f"with --set force=true to restart from scratch")
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler:
                     self.scaler.scale(loss).backward()
@@ -214,6 +253,6 @@ class Trainer:
                 self._save(epoch)
             self.start_epoch = epoch + 1
         if self.out_dir is not None:
-            (self.out_dir / "train_log.json").write_text(json.dumps(self.history, indent=1))
+            write_text_atomic(self.out_dir / "train_log.json", json.dumps(self.history, indent=1))
         self.module.eval()
         return self.history

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import run_cli
+from common.cli import inputs, run_cli
 from common.clip import logit_scale, zeroshot_classifier
 from common.data import build_dataset, sample_per_class
 from common.engine import classification_metrics, run_dir, write_record
@@ -119,6 +119,7 @@ def zeroshot_dataset(cfg, name: str, variants: list[str]) -> dict[str, tuple[flo
     return chosen
 
 
+@inputs("datasets", "dg_source", "dg_targets")
 def evaluate(cfg: dict) -> None:
     """zero-shot CALIP on every dataset (all variants) and the domain-generalisation rows"""
     for name in cfg["datasets"]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from common.cli import run_cli
+from common.cli import inputs, run_cli
 from common.data import build_dataset
 from common.engine import load_records
 from common.engine.protocols import (Task, bundle_for, checkpoint_dir, run_base2novel, run_fewshot,
@@ -46,6 +46,7 @@ def train(cfg: dict) -> list[dict]:
     return fewshot(with_variant(cfg, cfg.get("variant")))
 
 
+@inputs("datasets", "eval_on")
 def eval_(cfg: dict) -> list[dict]:
     """re-evaluate the prompts kept by `train` (on their test split, or on --set eval_on=DATASET)"""
     cfg = with_variant(cfg, cfg.get("variant"))
@@ -113,10 +114,19 @@ def reproduce(cfg: dict) -> None:
                                  f"(base2novel, cross_dataset, domain_generalization)")
 
 
+def validate(cfg: dict) -> list[str]:
+    """CoOp's own options, checked by the CLI before any work: a known `variant`."""
+    try:
+        with_variant(cfg, cfg.get("variant"))
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
 def main(argv=None):
     return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce},
                    "CoOp (Zhou et al., IJCV 2022): learned prompt context for CLIP, trained on cached image "
-                   "features with the frozen text encoder in the loop.", argv)
+                   "features with the frozen text encoder in the loop.", argv, validate=validate)
 
 
 if __name__ == "__main__":

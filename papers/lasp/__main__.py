@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from common.cli import run_cli
+from common.cli import inputs, run_cli
 from common.engine.runs import summarize as summarize_records
 from common.data import build_dataset
 from common.engine.protocols import Task, run_base2novel
@@ -91,6 +91,7 @@ def evaluate_cmd(cfg: dict) -> list[dict]:
     return summarize(cfg, "base2novel")
 
 
+@inputs("datasets")
 def reproduce(cfg: dict) -> None:
     """base-to-novel for CoOp and every LASP variant in `reproduce_variants` (the paper's ablation rows)"""
     base2novel(cfg)

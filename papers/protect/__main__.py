@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common.cli import run_cli
+from common.cli import inputs, run_cli
+from common.errors import ConfigError
 from common.clip import logit_scale, zeroshot_classifier
 from common.data import Dataset, build_dataset, fewshot_split
 from common.engine import TrainConfig, Trainer, index_batches, run_dir, seed_everything, write_record
@@ -65,7 +66,7 @@ def taxonomy_for(cfg: dict, dataset: Dataset) -> Taxonomy:
         return Taxonomy.from_json(given, dataset.classnames)
     own = dataset.meta.get("hierarchy")
     if own is None:
-        raise ValueError(
+        raise ConfigError(
             f"dataset {dataset.name} has no label hierarchy, which ProTeCt needs. Give one as a JSON file "
             f"mapping every class name (and every internal node) to its parent: --set hierarchy=/path/tree.json. "
             f"The paper's trees are the pickled `prepro/data/<dataset>/tree.npy` of gina9726/ProTeCt (CIFAR-100, "
@@ -157,6 +158,11 @@ def targets_of(cfg: dict, name: str) -> list[str]:
     if not cfg["eval_targets"] or name != cfg["dg_source"]:
         return []
     return [t for t in cfg["dg_targets"] if t != name]
+
+
+def datasets_read(cfg: dict) -> list[str]:
+    """Every dataset a command reads: the taxonomic ones and their shifted domains (checked before any work)."""
+    return [n for name in datasets_of(cfg) for n in [name, *targets_of(cfg, name)]]
 
 
 class Trees:
@@ -251,6 +257,7 @@ def _print(records: list[dict]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- commands
+@inputs(datasets=datasets_read)
 def train(cfg: dict) -> list[dict]:
     """train CoOp+ProTeCt (and the leaf-CE CoOp baseline) and evaluate each run as soon as it is trained"""
     recs = run_taxonomic(cfg)
@@ -258,6 +265,7 @@ def train(cfg: dict) -> list[dict]:
     return recs
 
 
+@inputs(datasets=datasets_read)
 def evaluate_cmd(cfg: dict) -> list[dict]:
     """same as train (finished runs are skipped); also evaluates zero-shot CLIP on the taxonomy"""
     recs = run_taxonomic(cfg) + (run_zeroshot(cfg) if cfg["run_zeroshot"] else [])
@@ -265,6 +273,7 @@ def evaluate_cmd(cfg: dict) -> list[dict]:
     return recs
 
 
+@inputs(datasets=datasets_read)
 def reproduce(cfg: dict) -> list[dict]:
     """the paper's protocol: zero-shot CLIP, CoOp and CoOp+ProTeCt (plus the loss ablation if enabled) on the
     taxonomic datasets; MaPLe+ProTeCt waits for MaPLe"""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import json
-from common.cli import run_cli
+from common.cli import inputs, run_cli
 from common.clip import logit_scale
 from common.data import Dataset, build_dataset
 from common.engine.cache import cache_key, items_digest
@@ -180,6 +180,7 @@ def pseudo_label_runs(cfg: dict) -> list[dict]:
     return out
 
 
+@inputs("datasets")
 def reproduce(cfg: dict) -> None:
     """SSL pretraining per dataset, then the low-shot and zero-shot (pseudo-label) evaluations"""
     train(cfg)

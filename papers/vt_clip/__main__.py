@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.cli import run_cli
+from common.cli import inputs, run_cli
 from common.clip import logit_scale
 from common.engine import classification_metrics
 from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense, train_pool
@@ -77,6 +77,7 @@ def ablation(cfg: dict) -> list[dict]:
     return out
 
 
+@inputs("datasets")
 def reproduce(cfg: dict) -> None:
     """few-shot curves on every dataset, then the residual-ratio ablation"""
     train(cfg)

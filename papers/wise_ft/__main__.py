@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import run_cli
+from common.cli import inputs, run_cli
 from common.data import build_dataset, fewshot_split
 from common.engine.evaluate import classification_metrics
 from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_transfer
@@ -41,10 +41,10 @@ def _key(cfg: dict, kind: str, task: Task) -> tuple:
             task.seed, opts)
 
 
-def _check(cfg: dict) -> None:
+def validate(cfg: dict) -> list[str]:
+    """WiSE-FT's own options, checked by the CLI before any work (the shared ones are checked in common.validate)."""
     bad = [k for k in cfg["variants"] if k not in KINDS]
-    if bad:
-        raise ValueError(f"variants must be among {KINDS}, got {bad}")
+    return [f"variants must be among {', '.join(KINDS)}, got {bad}"] if bad else []
 
 
 # --------------------------------------------------------------------------------------------- fitting
@@ -109,9 +109,9 @@ def evaluate(cfg: dict, kind: str, alpha: float, state: dict, task: Task) -> dic
 
 
 # -------------------------------------------------------------------------------------------- commands
+@inputs("dg_source")
 def train(cfg: dict) -> list[dict]:
     """fine-tune both variants on the reference set for every seed (checkpoints; resumes)"""
-    _check(cfg)
     bundle = bundle_for(cfg)
     full = build_dataset(cfg["dg_source"], cfg["data_root"])
     states = []
@@ -122,9 +122,9 @@ def train(cfg: dict) -> list[dict]:
     return states
 
 
+@inputs("dg_source", "dg_targets")
 def eval_all(cfg: dict) -> list[dict]:
     """theta(alpha) on the reference and shifted test sets for every alpha of the grid (trains if needed)"""
-    _check(cfg)
     records = []
     for kind in cfg["variants"]:
         for alpha in alpha_grid(cfg["alpha_step"]):
@@ -147,6 +147,7 @@ def plot(cfg: dict) -> Path | None:
     return path
 
 
+@inputs("dg_source", "dg_targets")
 def reproduce(cfg: dict) -> None:
     """the alpha curves of E2E and LC fine-tuning on the reference set and its shifts, and their figure"""
     eval_all(cfg)
@@ -156,7 +157,8 @@ def reproduce(cfg: dict) -> None:
 def main(argv=None):
     cmds = {"train": train, "eval": eval_all, "reproduce": reproduce, "plot": plot}
     return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in cmds.items()},
-                   "WiSE-FT: fine-tune zero-shot CLIP (end-to-end or linear head) and interpolate the weights.", argv)
+                   "WiSE-FT: fine-tune zero-shot CLIP (end-to-end or linear head) and interpolate the weights.", argv,
+                   validate=validate)
 
 
 if __name__ == "__main__":

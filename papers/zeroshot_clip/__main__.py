@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.cli import run_cli
+from common.cli import inputs, run_cli
 from common.data import build_dataset
 from common.engine.protocols import Task, bundle_for, eval_classifier, run_base2novel, run_transfer
 from common.engine.runs import write_record
@@ -23,6 +23,7 @@ def train(cfg: dict) -> None:
             zeroshot_weights(bundle, ds, variant)
 
 
+@inputs("datasets", "dg_source", "dg_targets")
 def evaluate(cfg: dict) -> list[dict]:
     """zero-shot top-1 on the test split of every dataset (and the shifted variants), both variants"""
     bundle = bundle_for(cfg)

@@ -31,24 +31,29 @@ def test_k_shots_per_class_val_min_k_4(tmp_path, name):
     assert len(fs.train) == COUNTS[0] * ds.num_classes and len(fs.val) == COUNTS[1] * ds.num_classes
 
 
-def test_seeds_are_deterministic_across_trees(tmp_path):
-    # two separate copies of the dataset (so no shared cache) draw the same shots per seed
+def test_seeds_are_deterministic_across_trees(tmp_path, monkeypatch):
+    # two separate copies of the dataset, each with its own cache, draw the same shots per seed
     a = build_dataset("dtd", make("dtd", tmp_path / "a"))
     b = build_dataset("dtd", make("dtd", tmp_path / "b"))
     draws = {}
     for seed in (1, 2, 3):
-        fa, fb = fewshot_split(a, 1, seed), fewshot_split(b, 1, seed)
+        monkeypatch.setenv("VLMT_CACHE", str(tmp_path / "cache_a"))
+        fa = fewshot_split(a, 1, seed)
+        assert splits.fewshot_file(a, 1, seed).is_file()
+        monkeypatch.setenv("VLMT_CACHE", str(tmp_path / "cache_b"))
+        fb = fewshot_split(b, 1, seed)
         assert _rel(fa.train, a.root) == _rel(fb.train, b.root)
         assert _rel(fa.val, a.root) == _rel(fb.val, b.root)
         draws[seed] = tuple(_rel(fa.train, a.root))
-        assert (a.root / "split_fewshot" / f"shot_1-seed_{seed}.json").is_file()
     assert len(set(draws.values())) > 1  # the seed matters
+    assert not (a.root / "split_fewshot").exists()  # the user's data folder is not written
 
 
 def test_rerun_reuses_the_cached_file(tmp_path, monkeypatch):
     ds = build_dataset("food101", make("food101", tmp_path))
     first = fewshot_split(ds, 2, seed=3)
-    cache = tmp_path / "food-101" / "split_fewshot" / "shot_2-seed_3.json"  # beside the dataset
+    cache = splits.fewshot_file(ds, 2, 3)  # in the project's cache, keyed by the split file's content
+    assert cache.is_file() and not cache.is_relative_to(tmp_path / "food-101")
     rel = lambda items: [os.path.relpath(d.impath, first.root) for d in items]  # noqa: E731
     assert json.loads(cache.read_text()) == {"train": rel(first.train), "val": rel(first.val)}
 

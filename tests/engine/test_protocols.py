@@ -51,3 +51,37 @@ def test_base2novel_and_transfer(tmp_path, tiny_rn):
                        lambda state, t: {"top1": 1.0 if t.dataset.name == state else 0.0}, "toy", ["toy_shift"])
     assert [(r["source"], r["dataset"], r["metrics"]["top1"]) for r in out] == [("toy", "toy", 1.0),
                                                                                 ("toy", "toy_shift", 0.0)]
+
+
+def test_records_cover_the_whole_run_say_what_was_used_and_print_metrics(tmp_path, tiny_rn, capsys, monkeypatch):
+    """wall_s includes training done before a resume; a class short of K images is recorded as shots_used; every
+    run prints its metrics, a finished one too."""
+    import common.data.splits as splits
+    monkeypatch.setattr(splits, "_NOTED", set())  # the note is printed once per process and (dataset, K)
+    cfg = load_config(CONFIG, "embedded", toy_overrides(tmp_path, tiny_rn, {"shots": "[8]"})[1::2])  # toy: 6 per class
+
+    def fit_eval(task, kill=False):
+        head = nn.Linear(tiny_rn.embed_dim, task.dataset.num_classes)
+        f = task.features("train")
+        tr = Trainer(head, TrainConfig(epochs=3, warmup_epochs=0), task.out_dir)
+        tr.fit(lambda idx: nn.functional.cross_entropy(head(f["features"][idx]), f["labels"][idx]),
+               lambda ep: index_batches(len(f["labels"]), 4, task.seed, ep), max_epochs=1 if kill else None)
+        if kill:
+            import torch
+            ckpt = torch.load(task.out_dir / "checkpoint.pt", weights_only=False)
+            ckpt["history"][0]["wall_s"] = 1000.0
+            torch.save(ckpt, task.out_dir / "checkpoint.pt")
+            raise KeyboardInterrupt
+        return {"top1": 50.0}
+
+    import pytest
+    with pytest.raises(KeyboardInterrupt):
+        run_fewshot(cfg, "demo", "demo", lambda t: fit_eval(t, kill=True))
+    rec = run_fewshot(cfg, "demo", "demo", fit_eval)[0]
+    assert rec["wall_s"] >= 1000.0
+    assert rec["shots"] == 8 and rec["shots_used"] == {"min": 6, "max": 6, "classes_short": 4}
+    out = capsys.readouterr()
+    assert "4 of 4 classes have fewer than 8 training images (as few as 6)" in out.err
+    assert "resumed from" in out.err and "fewshot toy demo k=8 seed=1: top1 50.00\n" in out.out
+    assert run_fewshot(cfg, "demo", "demo", fit_eval) == []
+    assert "fewshot toy demo k=8 seed=1: top1 50.00  (existing record" in capsys.readouterr().out

@@ -83,3 +83,41 @@ def test_nan_loss_is_reported(tmp_path):
     tr = Trainer(nn.ParameterList([p]), TrainConfig(epochs=1, warmup_epochs=0), tmp_path)
     with pytest.raises(FloatingPointError, match="loss is nan"):
         tr.fit(lambda b: p.sum() * float("nan"), lambda ep: [0])
+
+
+def test_nan_keeps_the_last_good_checkpoint_and_force_restarts(tmp_path, capsys):
+    from common.engine.train import restarting
+    from common.errors import TrainingDiverged, UserError
+    w = nn.Parameter(torch.ones(1))
+    module = nn.ParameterList([w])
+
+    def step(epoch_of_nan):
+        return lambda b: (w * 0 + float("nan")).sum() if b == epoch_of_nan else (w ** 2).sum()
+
+    cfg = TrainConfig(epochs=3, warmup_epochs=0, lr=0.1)
+    with pytest.raises(TrainingDiverged) as err:
+        Trainer(module, cfg, tmp_path, desc="demo").fit(step(1), lambda ep: [ep])
+    assert isinstance(err.value, UserError) and "--set force=true" in str(err.value)
+    assert f"last good epoch is kept in {tmp_path / 'checkpoint.pt'}" in str(err.value)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 0  # epoch 1 survived
+    # a plain rerun resumes (and says so); under force it starts from scratch instead
+    tr = Trainer(module, cfg, tmp_path, desc="demo")
+    assert tr.maybe_resume() and "demo: resumed from" in capsys.readouterr().err
+    with restarting():
+        tr = Trainer(module, cfg, tmp_path, desc="demo")
+        hist = tr.fit(step(None), lambda ep: [ep])
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert "force=true, so" in capsys.readouterr().err
+
+
+def test_resumed_training_time_is_handed_to_the_run_record(tmp_path):
+    from common.engine.train import take_resumed_seconds
+    cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=0)
+    _run(tmp_path, cfg, max_epochs=2)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    for h in ckpt["history"]:
+        h["wall_s"] = 50.0  # as if the first two epochs had taken 100 s before the kill
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    take_resumed_seconds()
+    _run(tmp_path, cfg)
+    assert take_resumed_seconds() == 100.0 and take_resumed_seconds() == 0.0

@@ -21,5 +21,6 @@ def toy_overrides(tmp_path: Path, bundle, extra: dict | None = None) -> list[str
     sets.update(extra or {})
     out = []
     for k, v in sets.items():
-        out += ["--set", f"{k}={v}"]
+        if v is not None:  # None: leave the option out (a paper may refuse options it does not use)
+            out += ["--set", f"{k}={v}"]
     return out

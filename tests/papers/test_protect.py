@@ -230,13 +230,15 @@ def test_gradients_only_into_the_prompt_context(tax, tiny_vit):
 
 
 # ---------------------------------------------------------------------------------------- entry point
-def test_missing_hierarchy_is_a_clear_error(tmp_path, tiny_vit):
+def test_missing_hierarchy_is_a_clear_error(tmp_path, tiny_vit, capsys):
     ds = Dataset("plain", list(TOY_CLASSES), "a photo of a {}.", [], [], [])
     with pytest.raises(ValueError, match="--set hierarchy="):
         pt_main.taxonomy_for({"hierarchy": None}, ds)
     sets = toy_overrides(tmp_path, tiny_vit, {"tax_datasets": "[toy]"})
-    with pytest.raises(ValueError, match="no label hierarchy"):
+    with pytest.raises(SystemExit) as stop:  # the CLI: one line naming the problem and the fix
         pt_main.main(["train", "--profile", "real", *sets])
+    assert stop.value.code == 2
+    assert "error: dataset toy has no label hierarchy" in capsys.readouterr().err
 
 
 def test_reproduce_smoke_on_toy(tmp_path, tiny_vit):

@@ -132,7 +132,8 @@ def test_class_projection():
 
 
 def test_reproduce_smoke(tmp_path, tiny_vit):
-    sets = toy_overrides(tmp_path, tiny_vit, {"seeds": "[1]", "dg_shots": 2, "e2e.epochs": 1, "e2e.batch_size": 4,
+    sets = toy_overrides(tmp_path, tiny_vit, {"datasets": None, "shots": None, "xd_source": None,  # unused by WiSE-FT
+                                              "seeds": "[1]", "dg_shots": 2, "e2e.epochs": 1, "e2e.batch_size": 4,
                                               "lc.epochs": 2, "alpha_step": 0.5, "figure_dir": str(tmp_path)})
     wise._STATES.clear()
     wise.main(["reproduce", *sets])

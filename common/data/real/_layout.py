@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ...errors import MissingDataError
 from ..registry import Dataset, register_dataset
 
 README = "common/data/real/README.md"
@@ -14,7 +15,7 @@ README = "common/data/real/README.md"
 LAYOUTS: dict[str, tuple[str, str]] = {}
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(MissingDataError):
     """A real dataset's folder does not match the layout its loader reads."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ...errors import InvalidDataError
 from ..registry import Dataset, Datum
 from ..splits import classnames_from, read_split_json
 from ._layout import (DatasetLayoutError, check_listed, clean_classname, layout_help, need_dir, need_file,
@@ -43,7 +44,7 @@ def read_coop_split(name: str, root: Path, image_dir: Path, split_file: str,
     try:
         splits = read_split_json(split_path, image_dir, check_files=False)
     except ValueError as err:
-        raise ValueError(f"dataset {name!r}: {err}") from err
+        raise InvalidDataError(f"dataset {name!r}: {err}") from err
     check_listed([d.impath for s in splits.values() for d in s], name, split_path)
     rename = rename or {}
     raw_of: dict[int, str] = {}   # label -> the name as the split file spells it (after CoOp's renaming)
@@ -54,7 +55,7 @@ def read_coop_split(name: str, root: Path, image_dir: Path, split_file: str,
     try:
         classnames = classnames_from(splits["train"] + splits["val"] + splits["test"])
     except ValueError as err:
-        raise ValueError(f"dataset {name!r}: split file {split_path}: {err}") from err
+        raise InvalidDataError(f"dataset {name!r}: split file {split_path}: {err}") from err
     raw = [raw_of[i] for i in range(len(classnames))]
     return Dataset(name=name, classnames=classnames, template=COOP_TEMPLATES[name], train=splits["train"],
                    val=splits["val"], test=splits["test"],
@@ -179,7 +180,8 @@ def build_fgvc_aircraft(root: Path) -> Dataset:
         for n, line in enumerate(read_lines(path), 1):
             imname, _, variant = line.partition(" ")
             if variant not in label_of:
-                raise ValueError(f"dataset {name!r}: {path} line {n}: variant {variant!r} is not in {root / 'variants.txt'}")
+                raise InvalidDataError(f"dataset {name!r}: {path} line {n}: variant {variant!r} is not in "
+                                       f"{root / 'variants.txt'}")
             items.append(Datum(str(image_dir / f"{imname}.jpg"), label_of[variant], clean_classname(variant)))
         check_listed([d.impath for d in items], name, path)
         splits[split] = items

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
+from ...errors import InvalidDataError
 from ..registry import Dataset, Datum
 from ._layout import (DatasetLayoutError, layout_help, listdir_nohidden, need_dir, need_file, read_lines,
                       real_dataset)
@@ -25,7 +26,7 @@ def read_classnames(path: Path) -> "OrderedDict[str, str]":
     for n, line in enumerate(read_lines(path), 1):
         wnid, _, cname = line.partition(" ")
         if not cname.strip():
-            raise ValueError(f"{path} line {n}: expected '<wnid> <class name>', got {line!r}")
+            raise InvalidDataError(f"{path} line {n}: expected '<wnid> <class name>', got {line!r}")
         names[wnid] = cname.strip()
     return names
 
@@ -49,8 +50,8 @@ def _read_folders(name: str, split_dir: Path, folders: list[str], names: dict[st
     """Images of `folders` (label = position in the list), sorted by file name."""
     unknown = [f for f in folders if f not in names]
     if unknown:
-        raise ValueError(f"dataset {name!r}: {len(unknown)} class folders in {split_dir} are not in classnames.txt, "
-                         f"e.g. {unknown[:5]}")
+        raise InvalidDataError(f"dataset {name!r}: {len(unknown)} class folders in {split_dir} are not in "
+                               f"classnames.txt, e.g. {unknown[:5]}")
     # Listing 1.28M files takes a while; reuse the listing in this process while no folder changed.
     stamps = tuple(os.stat(split_dir / f).st_mtime_ns for f in folders)
     files = _list_files(str(split_dir), tuple(folders), stamps)

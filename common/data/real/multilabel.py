@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from functools import lru_cache
 from pathlib import Path
 
+from ...errors import InvalidDataError
 from ..registry import Dataset, Datum
 from ._layout import check_listed, need_dir, need_file, read_lines, real_dataset
 
@@ -37,14 +38,14 @@ def read_voc_xml(path: Path, index: dict[str, int]) -> set[int]:
     try:
         tree = ET.parse(path)
     except ET.ParseError as err:
-        raise ValueError(f"cannot parse VOC annotation {path}: {err}") from err
+        raise InvalidDataError(f"cannot parse VOC annotation {path}: {err}") from err
     out = set()
     for obj in tree.getroot().iter("object"):
         if (obj.findtext("difficult") or "0").strip() == "1":
             continue
         cname = (obj.findtext("name") or "").strip().lower()
         if cname not in index:
-            raise ValueError(f"VOC annotation {path}: unknown class {cname!r}")
+            raise InvalidDataError(f"VOC annotation {path}: unknown class {cname!r}")
         out.add(index[cname])
     return out
 
@@ -90,23 +91,23 @@ def _parse_coco(path: str, image_dir: str, mtime: int, size: int):
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"COCO annotation file {path} is not valid JSON: {err}") from err
+        raise InvalidDataError(f"COCO annotation file {path} is not valid JSON: {err}") from err
     for key in ("images", "annotations", "categories"):
         if key not in raw:
-            raise ValueError(f"COCO annotation file {path} lacks {key!r}")
+            raise InvalidDataError(f"COCO annotation file {path} lacks {key!r}")
     cats = sorted(raw["categories"], key=lambda c: c["id"])
     label_of = {c["id"]: i for i, c in enumerate(cats)}
     files = {im["id"]: im["file_name"] for im in raw["images"]}
     bad = {a["category_id"] for a in raw["annotations"]} - set(label_of)
     if bad:
-        raise ValueError(f"COCO annotation file {path}: category ids {sorted(bad)[:5]} are not in 'categories'")
+        raise InvalidDataError(f"COCO annotation file {path}: category ids {sorted(bad)[:5]} are not in 'categories'")
     targets: dict[int, set[int]] = {}  # insertion order = order of first annotation, as pycocotools' imgToAnns
     for ann in raw["annotations"]:
         targets.setdefault(ann["image_id"], set()).add(label_of[ann["category_id"]])
     unknown = [i for i in targets if i not in files]
     if unknown:
-        raise ValueError(f"COCO annotation file {path}: {len(unknown)} annotated image ids are not in 'images', "
-                         f"e.g. {unknown[:5]}")
+        raise InvalidDataError(f"COCO annotation file {path}: {len(unknown)} annotated image ids are not in 'images', "
+                               f"e.g. {unknown[:5]}")
     return tuple(c["name"] for c in cats), tuple((str(image_dir / files[i]), tuple(sorted(t)))
                                                  for i, t in targets.items())
 
@@ -127,7 +128,7 @@ def build_coco2014(root: Path) -> Dataset:
         image_dir = need_dir(root / folder, name, "image folder")
         names, items = read_coco_instances(ann, image_dir)
         if classnames is not None and names != classnames:
-            raise ValueError(f"dataset {name!r}: {ann} lists other categories than instances_train2014.json")
+            raise InvalidDataError(f"dataset {name!r}: {ann} lists other categories than instances_train2014.json")
         classnames = names
         check_listed([p for p, _ in items], name, ann)
         splits[split] = [_datum(p, t, names) for p, t in items]

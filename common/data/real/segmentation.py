@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ...errors import MissingDataError
 from ..images import CorruptImageError
 from ..registry import Dataset, Datum
 from ._layout import check_listed, listdir_nohidden, need_dir, need_file, read_lines, real_dataset
@@ -57,7 +58,7 @@ def load_mask(path: str | Path, reduce_zero_label: bool = False, ignore_index: i
     Palette PNGs (VOC) are read as their indices, not as colours."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"mask file {path} does not exist")
+        raise MissingDataError(f"mask file {path} does not exist")
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16"):

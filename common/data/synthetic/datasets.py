@@ -3,7 +3,7 @@
 `build_dataset("emb_objects", "data/embedded")` -> `Dataset` with the CoOp-style template, splits from
 `split_zhou_<folder>.json` and `meta` extras:
 - every set: `descriptors` = {"cupl": path, "vcd": path}, `unlabeled` = the train images as unlabeled
-  `Datum`s (label -1; UPL's pool), `about`;
+  `Datum`s (label -1; UPL's pool), `about`, `fewshot_dir` (its few-shot files, beside its images);
 - generic objects and its shifted variants: `hierarchy` (child -> parent; leaf -> category -> top -> "object"),
   and on the variants `source` = "emb_objects" (they are test-only, as ImageNet-V2/-Sketch/-R/-A);
 - `emb_multilabel`: `Datum.targets` (multi-hot label indices), `captions` (the text-only corpus, list[str]);
@@ -16,7 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from common.data.registry import Dataset, Datum, register_dataset
-from common.data.splits import read_split_json
+from common.data.splits import FEWSHOT_FOLDER, read_split_json
+from common.errors import InvalidDataError, MissingDataError
 
 from .catalog import CAPTIONS_FOLDER, OBJECT_VARIANTS, SEG_IGNORE, SETS, SetInfo
 
@@ -25,15 +26,17 @@ def _build(root: Path, info: SetInfo) -> Dataset:
     root = Path(root)
     split_file = root / f"split_zhou_{info.folder}.json"
     if not split_file.is_file():
-        raise FileNotFoundError(f"dataset {info.name}: {split_file} is missing; write the embedded suite with "
-                                f"`dvc repro world` (or `python -m common.data.synthetic.suite --root {root.parent}`)")
+        raise MissingDataError(f"dataset {info.name}: {split_file} is missing; write the embedded suite with "
+                               f"`dvc repro world` (or `python -m common.data.synthetic.suite --root {root.parent}`)")
     splits = read_split_json(split_file, root / "images")
     bad = [d for s in splits.values() for d in s
            if not (0 <= d.label < len(info.classnames) and info.classnames[d.label] == d.classname)]
     if bad:
-        raise ValueError(f"dataset {info.name}: {len(bad)} entries of {split_file} disagree with the catalogue's class "
-                         f"names (e.g. label {bad[0].label} {bad[0].classname!r}); rewrite the suite")
-    meta = {"about": info.about, "kind": info.kind,
+        raise InvalidDataError(f"dataset {info.name}: {len(bad)} entries of {split_file} disagree with the "
+                               f"catalogue's class names (e.g. label {bad[0].label} {bad[0].classname!r}); rewrite "
+                               f"the suite")
+    # the world is project data: its few-shot files live beside its images (written by the world stage)
+    meta = {"about": info.about, "kind": info.kind, "fewshot_dir": str(root / FEWSHOT_FOLDER),
             "descriptors": {k: str(root / f"descriptors_{k}.json") for k in ("cupl", "vcd")},
             "unlabeled": [Datum(d.impath, -1, "") for d in splits["train"]]}
     hier = root / "hierarchy.json"
