@@ -368,8 +368,9 @@ def fit_modules(modules: Sequence[nn.Module], views: Sequence[Sequence[torch.Ten
     """Cross-entropy training of R modules of one architecture (trainable tensors of equal shapes, e.g. one
     adapter per seed and shot count) on their own cached feature views, as one batched model: the modules'
     trainable tensors and buffers are stacked and ``torch.func.vmap`` runs the first module's forward over
-    them. Epoch e of run r uses view e % len(views[r]) and `index_batches` of (seed, e), as the single-run
-    `Trainer` does; the trained slices are written back into the modules."""
+    them (or the module's own `stacked_forward(state, x)` when it has one). Epoch e of run r uses view
+    e % len(views[r]) and `index_batches` of (seed, e), as the single-run `Trainer` does; the trained slices are
+    written back into the modules."""
     from torch.func import functional_call, vmap
 
     R = len(modules)
@@ -385,7 +386,8 @@ def fit_modules(modules: Sequence[nn.Module], views: Sequence[Sequence[torch.Ten
               for n, p in template.named_parameters() if not p.requires_grad}
     buffers = {n: torch.stack([m.get_buffer(n) for m in modules]) for n, _ in template.named_buffers()}
     runs = [RunSchedule(cfg, len(y), batch_size, label=str(i)) for i, (cfg, y) in enumerate(zip(cfgs, labels))]
-    forward = vmap(lambda state, x: functional_call(template, state, (x,)))
+    # a module may spell its forward over stacked tensors itself (a few einsums: far cheaper than vmap's tracing)
+    forward = getattr(template, "stacked_forward", None) or vmap(lambda state, x: functional_call(template, state, (x,)))
 
     def step(batches):
         idx, mask, live = pad_batches(batches)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -97,10 +96,18 @@ def _finish(rec: dict, out_dir) -> dict:
 
 class BatchedFit:
     """A method that can train several runs at once (common.engine.batched): ``fit_many(tasks) -> states``
-    and ``evaluate(state, task) -> metrics``. Protocols give it every pending run of one dataset together."""
+    and ``evaluate(state, task) -> metrics``. Protocols give it every pending run of one dataset together
+    (`many`); called on one task it trains that one."""
 
-    def __init__(self, fit_many: Callable[[list[Task]], list], evaluate: Callable[[Any, Task], dict[str, float]]):
+    def __init__(self, fit_many: Callable[[list[Task]], list],
+                 evaluate: Callable[[Any, Task], dict[str, float]] | None = None):
         self.fit_many, self.evaluate = fit_many, evaluate
+
+    def many(self, tasks: list[Task]) -> list:
+        return self.fit_many(tasks)
+
+    def __call__(self, task: Task):
+        return self.fit_many([task])[0]
 
 
 def group_dir(cfg, paper, protocol, dataset, method, variant, cells) -> Path:
@@ -146,8 +153,7 @@ def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle)
         full = build_dataset(name, cfg["data_root"])
         tasks = [Task(cfg, bundle, fewshot_split(full, k, s), k, s,
                       checkpoint_dir(cfg, paper, "fewshot", name, method, k, s, variant)) for k, s in cells]
-        states = _fit_all(SimpleNamespace(many=fit.fit_many), tasks,
-                          group_dir(cfg, paper, "fewshot", name, method, variant, cells))
+        states = _fit_all(fit, tasks, group_dir(cfg, paper, "fewshot", name, method, variant, cells))
         wall = (time.time() - t0 + take_resumed_seconds()) / len(tasks)   # the group's time, shared by its runs
         for task, state in zip(tasks, states):
             values = fit.evaluate(state, task)

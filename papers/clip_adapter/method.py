@@ -57,6 +57,12 @@ class Adapter(nn.Module):
         return self.fc(x)
 
 
+def stacked_adapter(state: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """`Adapter` of R runs at once: x (R, N, D), weights state[prefix.fc.0.weight] (R, D/r, D), [.fc.2] (R, D, D/r)."""
+    h = torch.relu(torch.einsum("rnd,rhd->rnh", x, state[f"{prefix}.fc.0.weight"]))
+    return torch.relu(torch.einsum("rnh,rdh->rnd", h, state[f"{prefix}.fc.2.weight"]))
+
+
 def blend(x: torch.Tensor, adapter: nn.Module, ratio: float) -> torch.Tensor:
     """ratio * A(x) + (1 - ratio) * x (the residual ratio alpha of the paper)."""
     return ratio * adapter(x) + (1.0 - ratio) * x
@@ -97,6 +103,15 @@ class ClipAdapter(nn.Module):
 
     def forward(self, features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         return self.logit_scale * self.image(features) @ self.classifier(text_features).t()
+
+    def stacked_forward(self, state: dict, x: torch.Tensor) -> torch.Tensor:
+        """`forward` of R runs of this configuration whose tensors are stacked in `state`: x (R, B, D) -> (R, B, C)."""
+        f, w = x.float(), state["text_features"]
+        if self.visual is not None:
+            f = self.ratio * stacked_adapter(state, "visual", f) + (1.0 - self.ratio) * f
+        if self.text is not None:
+            w = self.text_ratio * stacked_adapter(state, "text", w) + (1.0 - self.text_ratio) * w
+        return self.logit_scale * torch.einsum("rbd,rcd->rbc", F.normalize(f, dim=-1), F.normalize(w, dim=-1))
 
 
 def train_on_views(module: nn.Module, views: Sequence[torch.Tensor], labels: torch.Tensor, tcfg: TrainConfig,

@@ -13,12 +13,14 @@ import copy
 from pathlib import Path
 
 from common.cli import inputs, run_cli
+from common.config import load_config
+from common.engine import convergence
 from common.data import build_dataset
 from common.engine import load_records
 from common.engine.protocols import (Task, bundle_for, checkpoint_dir, run_base2novel, run_fewshot,
                                      run_transfer)
 
-from .method import PROMPT_FILE, Fitter, evaluate, load_learner, variant_name
+from .method import PROMPT_FILE, Fitter, evaluate, load_learner, train_coop_many, variant_name
 
 SLUG = "coop"
 CONFIG = Path(__file__).with_name("config.yaml")
@@ -123,8 +125,21 @@ def validate(cfg: dict) -> list[str]:
     return []
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study of the main variant (M=16, 16 shots, seed 1, every dataset): budgets up to the
+    official 200 epochs at the configured learning rate -> papers/coop/convergence.json"""
+    vcfg = with_variant(cfg, (cfg["reproduce"].get("fewshot") or [None])[0])
+    real = load_config(CONFIG, "real")
+    return convergence.study(vcfg, SLUG, SLUG, variant_name(vcfg),
+                             lambda tasks: train_coop_many(tasks, vcfg, out_dir=None),
+                             lambda learner, task: evaluate(learner, task, split="val")["top1"],
+                             int(real["epochs_by_shots"]["16"]), float(real["train"]["lr"]), convergence.STUDY_DATASETS,
+                             note="unified context M=16, class token at the end", lr_factors=(1, 3, 10))
+
+
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce,
+                                  "convergence": convergence_cmd},
                    "CoOp (Zhou et al., IJCV 2022): learned prompt context for CLIP, trained on cached image "
                    "features with the frozen text encoder in the loop.", argv, validate=validate)
 

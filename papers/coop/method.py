@@ -28,6 +28,8 @@ from common.clip import ClipBundle, PromptTextEncoder, logit_scale, tokenize
 from common.clip.text import encode_prompts, encode_shared_prefix, shared_prefix_supported
 from common.engine import TrainConfig, Trainer, index_batches, items_digest
 from common.engine.protocols import Task, eval_classifier
+from common.engine import convergence
+from common.engine.convergence import with_schedule
 from common.engine.seed import seed_everything
 from common.engine.threads import torch_threads
 
@@ -304,9 +306,14 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
     feats = [f.to(bundle.device) for f, _ in data]
     labels = [y.to(bundle.device) for _, y in data]
     schedule = schedule or (lambda t, n: train_config(cfg, t, n_train=n))
+    schedule_of = lambda t, n: with_schedule(schedule(t, n), t)    # a convergence study's per-run budget
     batch_size = int(batch_size or option(cfg, "batch_size"))
-    runs = [RunSchedule(schedule(t, y.numel()), y.numel(), batch_size, label=f"{t.dataset.name} k{t.shots} s{t.seed}")
+    runs = [RunSchedule(schedule_of(t, y.numel()), y.numel(), batch_size, label=f"{t.dataset.name} k{t.shots} s{t.seed}")
             for t, y in zip(tasks, labels)]
+    if eval_fn is None and any(t.extra.get("on_eval") for t in tasks):   # a convergence study's validation curve
+        eval_fn = lambda ls: torch.tensor([evaluate(l, t, split="val")["top1"] if t.extra.get("on_eval") else 0.0
+                                           for l, t in zip(ls, tasks)])
+        eval_every = eval_every or convergence.eval_every(max(r.total_steps for r in runs))
     logits_many = logits_many or coop_logits_many
     names = [n for n, p in learners[0].named_parameters() if p.requires_grad]
     stacked = {n: stack_parameters([l.get_parameter(n) for l in learners]) for n in names}

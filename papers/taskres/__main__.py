@@ -12,13 +12,17 @@ from pathlib import Path
 import torch
 
 from common.cli import run_cli
+from common.config import load_config
+from common.engine import convergence
+from common.engine.convergence import with_schedule
 from common.clip import logit_scale
 from common.data import prompt_classnames
 from common.engine import TrainConfig, classification_metrics
-from common.engine.protocols import Task, run_fewshot, run_transfer
+from common.engine.protocols import BatchedFit, Task, run_fewshot, run_transfer
+from common.engine.seed import seed_everything
 from common.engine.cost import random_features, report_epoch_cost
 from common.engine.threads import threaded
-from papers.clip_adapter.method import raw_text_features, train_on_views
+from papers.clip_adapter.method import raw_text_features, train_on_views, train_on_views_many
 
 from .method import TaskRes, load_text_projection, pooled_text_states, project, train_text_projection
 
@@ -100,25 +104,47 @@ def enhanced_base(task: Task, views, labels, epochs: int) -> torch.Tensor:
 
 
 def fit(task: Task, variant: str = "", protocol: str = "fewshot") -> TaskRes:
-    s = settings(task.cfg, task.dataset.name, variant, protocol)
-    views, labels = train_views(task)
-    epochs = s.get("epochs") or epochs_for(task.cfg, task.shots, protocol)
-    if variant == "enhanced":
-        base = enhanced_base(task, views, labels, epochs)
-    else:
-        base = raw_text_features(task.bundle, prompt_names(task), templates_for(task))
-    model = TaskRes(base, logit_scale(task.bundle), s["alpha"], s["residual"], s["form"], s["reduction"])
-    model = model.to(task.bundle.device)   # features are cached on CPU, trained where CLIP is
-    model.classnames = list(task.dataset.classnames)   # the rows a shifted target picks from
-    tcfg = TrainConfig.from_dict({**task.cfg["train"], "epochs": int(epochs), "lr": float(s["lr"]), "seed": task.seed})
-    train_on_views(model, views, labels, tcfg, int(task.cfg["batch_size"]), task.out_dir,
-                   desc=f"taskres{'-' + variant if variant else ''} {task.dataset.name} k{task.shots}",
-                   threads=task.cfg.get("threads"))
-    if variant == "enhanced" and task.out_dir is not None:
-        # the projection's resume checkpoint is only needed until the residual is trained (the protocol
-        # removes the residual's own checkpoint once the record is written)
-        (Path(task.out_dir) / "enhanced_base" / "checkpoint.pt").unlink(missing_ok=True)
-    return model
+    return fit_many([task], variant, protocol)[0]
+
+
+def fit_many(tasks: list[Task], variant: str = "", protocol: str = "fewshot", eval_fn=None,
+             eval_every: int = 0) -> list[TaskRes]:
+    """TaskRes of several runs (seeds, shot counts of one dataset) trained as one batched model; each run keeps
+    its own epochs (by shots) and learning rate. The enhanced base is fitted per run first."""
+    models, views, labels, tcfgs = [], [], [], []
+    for task in tasks:
+        s = settings(task.cfg, task.dataset.name, variant, protocol)
+        v, y = train_views(task)
+        epochs = s.get("epochs") or epochs_for(task.cfg, task.shots, protocol)
+        if variant == "enhanced":
+            base = enhanced_base(task, v, y, epochs)
+        else:
+            base = raw_text_features(task.bundle, prompt_names(task), templates_for(task))
+        seed_everything(task.seed)    # the adapter-style forms draw their initial weights
+        model = TaskRes(base, logit_scale(task.bundle), s["alpha"], s["residual"], s["form"], s["reduction"])
+        model = model.to(task.bundle.device)   # features are cached on CPU, trained where CLIP is
+        model.classnames = list(task.dataset.classnames)   # the rows a shifted target picks from
+        models.append(model)
+        views.append(v)
+        labels.append(y)
+        tcfgs.append(with_schedule(TrainConfig.from_dict({**task.cfg["train"], "epochs": int(epochs),
+                                                          "lr": float(s["lr"]), "seed": task.seed}), task))
+    cfg = tasks[0].cfg
+    out_dir = tasks[0].extra.get("group_dir", tasks[0].out_dir) if len(tasks) > 1 else tasks[0].out_dir
+    if eval_fn is None and any(t.extra.get("on_eval") for t in tasks):   # a convergence study's validation curve
+        eval_fn = lambda ms: torch.tensor([evaluate(m, t, "val")["top1"] if t.extra.get("on_eval") else 0.0
+                                           for m, t in zip(ms, tasks)])
+        eval_every = convergence.eval_every(max(c.epochs * max(1, len(y) // int(cfg["batch_size"]))
+                                                for c, y in zip(tcfgs, labels)))
+    train_on_views_many(models, views, labels, tcfgs, int(cfg["batch_size"]), out_dir,
+                        desc=f"taskres{'-' + variant if variant else ''} {tasks[0].dataset.name} x{len(tasks)}",
+                        threads=cfg.get("threads"), eval_fn=eval_fn, eval_every=eval_every)
+    for task in tasks:
+        if variant == "enhanced" and task.out_dir is not None:
+            # the projection's resume checkpoint is only needed until the residual is trained (the protocol
+            # removes the residual's own checkpoint once the record is written)
+            (Path(task.out_dir) / "enhanced_base" / "checkpoint.pt").unlink(missing_ok=True)
+    return models
 
 
 def class_index(source: list[str], target: list[str]) -> torch.Tensor:
@@ -132,10 +158,10 @@ def class_index(source: list[str], target: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: TaskRes, task: Task) -> dict:
-    """Test top-1 with the trained classifier (a target uses the source classifier's rows of its classes, as
-    the official evaluation loads base and residual from the source checkpoint), plus the frozen base alone."""
-    te, dev = task.features("test"), model.base.device
+def evaluate(model: TaskRes, task: Task, split: str = "test") -> dict:
+    """Test (or val) top-1 with the trained classifier (a target uses the source classifier's rows of its classes,
+    as the official evaluation loads base and residual from the source checkpoint), plus the frozen base alone."""
+    te, dev = task.features(split), model.base.device
     x = te["features"].to(dev)
     idx = class_index(model.classnames, list(task.dataset.classnames)).to(dev)
     model.eval()
@@ -147,8 +173,8 @@ def evaluate(model: TaskRes, task: Task) -> dict:
             "residual_pct": model.residual_scale()}
 
 
-def _fit_eval(variant: str):
-    return lambda task: evaluate(fit(task, variant), task)
+def _fit_eval(variant: str) -> BatchedFit:
+    return BatchedFit(lambda tasks: fit_many(tasks, variant), evaluate)
 
 
 def train(cfg: dict) -> list[dict]:
@@ -174,7 +200,8 @@ def domain_generalization(cfg: dict) -> list[dict]:
     out = []
     for variant in [""] + (["enhanced"] if cfg["enhanced"]["run"] else []):
         out += run_transfer(cfg, SLUG, SLUG, "domain_generalization",
-                            lambda t, v=variant: fit(t, v, "domain_generalization"), evaluate, cfg["dg_source"],
+                            BatchedFit(lambda ts, v=variant: fit_many(ts, v, "domain_generalization")), evaluate,
+                            cfg["dg_source"],
                             cfg["dg_targets"], variant=variant, shots=int(cfg["dg_shots"]))
     return out
 
@@ -189,6 +216,15 @@ def cost(cfg: dict) -> dict:
     return report_epoch_cost(cfg, SLUG, SLUG, n, hist)
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study of TaskRes (regular base, 16 shots, seed 1, every dataset): budgets up to the official 200
+    epochs at the official Adam lr -> papers/taskres/convergence.json"""
+    real = load_config(CONFIG, "real")
+    return convergence.study(cfg, SLUG, SLUG, "", lambda tasks: fit_many(tasks, ""),
+                             lambda m, t: evaluate(m, t, "val")["top1"], int(real["epochs_by_shots"][16]),
+                             float(real["train"]["lr"]), convergence.STUDY_DATASETS, note="text residual, alpha 0.5")
+
+
 def reproduce(cfg: dict) -> None:
     """few-shot curves (TaskRes, TaskRes*), ablations at 16 shots, domain generalisation (16-shot source ->
     shifted sets)"""
@@ -197,7 +233,8 @@ def reproduce(cfg: dict) -> None:
 
 
 def main(argv=None):
-    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "cost": cost}
+    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "cost": cost,
+                "convergence": convergence_cmd}
     # every command under cfg['threads'] intra-op threads (encoding included): see common/engine/threads.py
     return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in commands.items()},
                    "TaskRes: a learnable residual on CLIP's text classifier (regular or enhanced base), trained on "

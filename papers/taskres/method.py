@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common.clip import ClipBundle, PromptTextEncoder, tokenize
 from common.engine import TrainConfig
-from papers.clip_adapter.method import Adapter, train_on_views
+from papers.clip_adapter.method import Adapter, stacked_adapter, train_on_views
 
 RESIDUALS = ("text", "image")
 FORMS = ("residual", "adapter", "direct")
@@ -66,6 +66,20 @@ class TaskRes(nn.Module):
         if classes is not None:
             w = w[classes]
         return self.logit_scale * F.normalize(f, dim=-1) @ F.normalize(w, dim=-1).t()
+
+    def stacked_forward(self, state: dict, x: torch.Tensor) -> torch.Tensor:
+        """`forward` (all classes) of R runs of this configuration stacked in `state`: x (R, B, D) -> (R, B, C)."""
+        f, base = x.float(), state["base"]
+        if self.form == "adapter":
+            w = base + self.alpha * stacked_adapter(state, "phi", base)
+        elif self.form == "direct":
+            w = stacked_adapter(state, "phi", base)
+        elif self.residual_on == "text":
+            w = base + self.alpha * state["residual"]
+        else:
+            w = base
+            f = f + self.alpha * state["residual"]
+        return self.logit_scale * torch.einsum("rbd,rcd->rbc", F.normalize(f, dim=-1), F.normalize(w, dim=-1))
 
     @torch.no_grad()
     def residual_scale(self) -> float:
