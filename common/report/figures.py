@@ -173,3 +173,38 @@ def grouped_bars(series: list[str], categories: list[str], values: list[list[flo
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         fig.tight_layout()
         return save(fig, path)
+
+
+def convergence_figure(record: dict, path: Path) -> Path | None:
+    """Left: validation accuracy against optimiser steps of the official-budget run, per dataset. Right: final
+    validation accuracy against the budget (epochs), per dataset and averaged, the justified budget marked."""
+    datasets = sorted(record.get("datasets") or {})
+    if not datasets:
+        return None
+    colors = plt.get_cmap("tab10").colors
+    with plt.rc_context(STYLE):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(8.0, 3.2))
+        for i, d in enumerate(datasets):
+            curve = record["datasets"][d].get("val_curve") or []
+            if curve:
+                a.plot([c["step"] for c in curve], [c["val"] for c in curve], marker=".", ms=3, lw=1.0,
+                       color=colors[i % 10], label=d)
+            final = record["datasets"][d]["final"]
+            es = sorted(final, key=int)
+            b.plot([int(e) for e in es], [final[e]["val"] for e in es], marker="o", ms=3, lw=1.0, color=colors[i % 10])
+        es = sorted(record["mean_val"], key=int)
+        b.plot([int(e) for e in es], [record["mean_val"][e] for e in es], marker="s", ms=4, lw=2.0, color="black",
+               label="mean")
+        b.axvline(record["justified_epochs"], ls="--", lw=1.0, color="gray", label="justified budget")
+        a.set_xlabel("optimiser steps (official budget)")
+        a.set_ylabel("validation top-1 (%)")
+        a.set_title("validation curve")
+        b.set_xscale("log", base=2)
+        b.set_xlabel("budget (epochs)")
+        b.set_title(f"final val by budget (lr x{record['lr_factor']:g})")
+        for ax in (a, b):
+            ax.grid(alpha=0.3)
+        a.legend(frameon=False)
+        b.legend(frameon=False)
+        fig.tight_layout()
+        return save(fig, path)

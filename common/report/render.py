@@ -4,11 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from common.config import load_config
+from common.engine import convergence
 from common.engine.runs import load_records
 
 from . import figures
 from .records import PROFILES, PROTOCOLS, norm
-from .schema import Paper, Reported, load_paper
+from .schema import Paper, PaperSpecError, Reported, load_paper
 from .tables import (TRANSFER, Group, fmt, fmt_pm, group_records, md_table, method_rank, metric_title,
                      metrics_for, render_table, series_table)
 from .schema import SOURCES
@@ -67,7 +69,7 @@ class Report:
             old.unlink()
         verdicts = {p: evaluate_paper(self.paper, self.records, p) for p in PROFILES}
         has_real = any(r["profile"] == "real" for r in self.used)
-        parts = [self.header(), self.summary(verdicts, has_real), self.paper_numbers(),
+        parts = [self.header(), self.summary(verdicts, has_real), self.paper_numbers(), self.budget(),
                  self.our_numbers("embedded"), self.claims(verdicts, has_real), self.real_section(has_real),
                  self.own_figures(), self.deviations(), self.commands()]
         return "\n\n".join(p.strip() for p in parts if p) + "\n"
@@ -110,6 +112,57 @@ class Report:
                       f"official README; *hypothesis* = read from a figure, a card or a secondary source; "
                       f"*project* = a protocol check of ours.", "", "> " + EMBEDDED_CAVEAT]
         return "\n".join(lines)
+
+    def budget(self) -> str:
+        """The embedded training budget and the convergence record that justifies it (refused without one)."""
+        b, slug = self.paper.budget, self.paper.slug
+        title = "## Embedded training budget"
+        if b is None:
+            raise PaperSpecError(f"papers/{slug}/paper.yaml declares no budget: give budget: {{epochs: <config key>, "
+                                 f"lr: <config key>}} (justified by papers/{slug}/convergence.json) or {{none: <why>}}")
+        if "none" in b:
+            return f"{title}\n\nNo training budget: {b['none']}"
+        if "pending" in b:
+            return (f"{title}\n\n**⚠ Not justified by a convergence record yet**: {b['pending']} The embedded "
+                    f"verdicts of this paper may describe its budget more than the method.")
+        folder = self.paper.path.parent if self.paper.path is not None else Path("papers") / slug
+        record = convergence.load(folder / convergence.RECORD)
+        if record is None:
+            raise PaperSpecError(f"papers/{slug}: the embedded budget ({b['epochs']}, {b['lr']}) has no convergence "
+                                 f"record {folder / convergence.RECORD}: run `python -m papers.{slug} convergence`")
+        cfg = load_config(folder / "config.yaml", "embedded")
+        epochs, lr = config_value(cfg, b["epochs"]), config_value(cfg, b["lr"])
+        ok_epochs = int(epochs) >= int(record["justified_epochs"]) or int(epochs) >= int(record["official_epochs"])
+        ok_lr = abs(float(lr) - float(record["lr"])) <= 1e-9 + 1e-6 * abs(float(record["lr"]))
+        if not (ok_epochs and ok_lr):
+            raise PaperSpecError(
+                f"papers/{slug}: config.yaml trains {epochs} epochs at lr {lr} ({b['epochs']}, {b['lr']}), but its "
+                f"convergence record justifies at least {record['justified_epochs']} epochs at lr {record['lr']:g}")
+        out = [title, "",
+               f"Representative setting: {record['method']}{' (' + record['variant'] + ')' if record['variant'] else ''}, "
+               f"{record['shots']} shots, seed {record['seed']}, on {', '.join(sorted(record['datasets']))} "
+               f"({record['backbone']}). From `convergence.json` (`python -m papers.{slug} convergence`): first the "
+               f"learning rate, official x {', '.join(f'{f:g}' for f in record['lr_factors'])} at the official "
+               f"{record['official_epochs']} epochs, chosen on validation accuracy (official unless another is better "
+               f"by more than {record['tolerance']:g} point); then budgets at that rate, each a full schedule.", "",
+               md_table(["lr factor"] + [f"x{float(f):g}" for f in record["mean_val_by_lr"]],
+                        [["mean val top-1 (%)"] + [fmt(v) for v in record["mean_val_by_lr"].values()]]), "",
+               md_table(["budget (epochs)"] + [str(e) for e in sorted(record["mean_val"], key=int)],
+                        [["mean val top-1 (%)"] + [fmt(record["mean_val"][e]) for e in sorted(record["mean_val"], key=int)]]
+                        + [[d] + [fmt(record["datasets"][d]["final"][e]["val"]) for e in
+                                  sorted(record["mean_val"], key=int)] for d in sorted(record["datasets"])]), "",
+               f"Chosen: lr x{record['lr_factor']:g} = {record['lr']:g}; the smallest budget within "
+               f"{record['tolerance']:g} point of the official one's mean validation accuracy is "
+               f"**{record['justified_epochs']} epochs** (official {record['official_epochs']}). config.yaml's embedded "
+               f"profile trains {epochs} epochs at lr {float(lr):g} ({b['epochs']}, {b['lr']}): justified."]
+        stale = stale_note(record)
+        if stale:
+            out += ["", stale]
+        fig = figures.convergence_figure(record, self.out_dir / "fig_convergence.png")
+        if fig is not None:
+            self.figures.append(fig)
+            out += ["", "![convergence](fig_convergence.png)"]
+        return "\n".join(out)
 
     def paper_numbers(self) -> str:
         rep = self.paper.reported
@@ -329,6 +382,33 @@ AGGREGATE_ROWS = {"average", "avg", "mean"}
 
 def _proto_rank(p: str) -> tuple:
     return (PROTOCOLS.index(p) if p in PROTOCOLS else len(PROTOCOLS), p)
+
+
+def config_value(cfg: dict, key: str):
+    """A dotted config key (`train.epochs`, `epochs_by_shots.16`); numeric parts also match integer keys."""
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, dict) and part.isdigit() and int(part) in node:
+            node = node[int(part)]
+        else:
+            raise PaperSpecError(f"budget key {key!r} is not in the embedded config")
+    return node
+
+
+def stale_note(record: dict) -> str:
+    """A note when the record was made on another checkpoint of the embedded tower than the current one."""
+    from common.clip.loader import file_sha256
+    from common.paths import data_root
+    ckpt = data_root() / "checkpoints" / f"{record['backbone']}.pt"
+    if not ckpt.is_file():
+        return ""
+    now = file_sha256(ckpt)
+    if now in str(record.get("checkpoint", "")):
+        return ""
+    return (f"Note: this record was made on checkpoint {record.get('checkpoint')}; the current {record['backbone']} "
+            f"is {now}: rerun `python -m papers.{record['paper']} convergence`.")
 
 
 def count_line(verdicts: Sequence[Verdict], label: str) -> str:

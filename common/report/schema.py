@@ -60,6 +60,10 @@ are the paper's numbers on real CLIP: such a check must be judged on the real pr
       - {what: "...", why: "..."}
     figures:                           # optional: the paper's own figures (files in its folder, made by its
       - {path: heatmap_alpha_beta.png, caption: "alpha/beta search on val"}   #  entry point from run outputs)
+    budget:                            # the embedded training budget and what justifies it (common/engine/convergence.py)
+      epochs: train.epochs             # embedded config key of the epochs at the representative setting (16 shots)
+      lr: train.lr                     # ... and of the learning rate; the record is papers/<slug>/convergence.json
+    # or: budget: {none: "training-free: ..."}; or {pending: "why there is no record yet"} (shown as unjustified)
 """
 from __future__ import annotations
 
@@ -74,7 +78,7 @@ from .expr import Expression, ExpressionError
 from .records import PROFILES, PROTOCOLS, norm, stand_in
 
 TOP_KEYS = {"slug", "title", "authors", "venue", "year", "arxiv", "official_repo", "url", "note", "backbone",
-            "embedded_backbone", "defaults", "compare", "reported", "claims", "deviations", "figures"}
+            "embedded_backbone", "defaults", "compare", "reported", "claims", "deviations", "figures", "budget"}
 REQUIRED_TOP = ("slug", "title", "authors", "venue", "year", "arxiv", "official_repo", "reported", "claims")
 ROW_KEYS = {"protocol", "dataset", "backbone", "shots", "method", "variant", "metric", "value", "table",
             "verified", "note", "source", "values"}
@@ -139,6 +143,7 @@ class Paper:
     compare: list[str] = field(default_factory=list)
     deviations: list[dict[str, str]] = field(default_factory=list)
     figures: list[dict[str, str]] = field(default_factory=list)
+    budget: dict[str, str] | None = None
     path: Path | None = None
 
     def backbone_for(self, profile: str, claim: Claim | None = None) -> str | None:
@@ -278,12 +283,18 @@ def parse_paper(data: Any, where: str = "paper.yaml", folder: str | None = None,
             fail(f"figures[{i}] must be {{path: <file in the paper folder, not fig_*>, caption: ...}}")
         figures.append({"path": f["path"], "caption": str(f.get("caption") or "").strip()})
 
+    budget = data.get("budget")
+    if budget is not None:
+        kinds = [k for k in ("none", "pending") if k in budget] if isinstance(budget, dict) else None
+        if not isinstance(budget, dict) or (kinds and len(budget) != 1) or \
+                (not kinds and set(budget) != {"epochs", "lr"}) or not all(isinstance(v, str) and v for v in budget.values()):
+            fail("budget must be {epochs: <config key>, lr: <config key>}, {none: <why>} or {pending: <why>}")
     return Paper(slug=slug, title=_str(data["title"], "title", fail), authors=list(authors),
                  venue=_str(data["venue"], "venue", fail), year=year, arxiv=arxiv, official_repo=repo,
                  reported=reported, claims=claims, url=data.get("url"), note=data.get("note"),
                  backbone=data.get("backbone"), embedded_backbone=data.get("embedded_backbone"),
                  defaults=defaults, compare=list(compare), deviations=deviations, figures=figures,
-                 path=path)
+                 budget=budget, path=path)
 
 
 def _check_premises(claims: list[Claim], fail) -> None:

@@ -274,9 +274,42 @@ def train_coop(task: Task, cfg: dict, learner: PromptLearner | None = None, loss
     batch_size, epochs / epochs_by_shots / epochs_by_dataset, cache_views, train (TrainConfig fields),
     threads (intra-op threads while training; 0 = unchanged).
     `loss_fn(learner, logits, labels, class_embeddings) -> loss | (loss, logs)` replaces cross-entropy
-    (papers that add a regulariser to CoOp use it). Checkpoints go to `task.out_dir` (exact resume)."""
+    (papers that add a regulariser to CoOp use it). Checkpoints go to `task.out_dir` (exact resume).
+    A learner whose parameters carry gradient hooks (SubPT's projection and trajectory) trains on the
+    single-run Trainer, where those hooks run as written."""
+    if learner is not None and has_grad_hooks(learner):
+        return train_coop_single(task, cfg, learner, loss_fn, desc)
     return train_coop_many([task], cfg, None if learner is None else [learner],
                            None if loss_fn is None else [loss_fn], desc=desc, out_dir=task.out_dir)[0]
+
+
+def has_grad_hooks(module: nn.Module) -> bool:
+    """Whether a trainable parameter has a gradient hook (the batched path trains stacked copies, not them)."""
+    return any(getattr(p, "_post_accumulate_grad_hooks", None) or getattr(p, "_backward_hooks", None)
+               for p in module.parameters() if p.requires_grad)
+
+
+def train_coop_single(task: Task, cfg: dict, learner: PromptLearner, loss_fn: LossFn | None = None,
+                      desc: str | None = None) -> PromptLearner:
+    """One CoOp run on the single-run Trainer (the learner's own parameters, so their hooks run)."""
+    feats, labels = train_views(task, cfg)
+    feats, labels = feats.to(task.bundle.device), labels.to(task.bundle.device)
+    tcfg = with_schedule(train_config(cfg, task, n_train=labels.numel()), task)
+    scale = logit_scale(task.bundle)
+    trainer = Trainer(learner, tcfg, task.out_dir, desc=desc or f"coop {task.dataset.name} k{task.shots}")
+
+    def step(batch):
+        x, y = batch
+        text = learner.class_embeddings()
+        logits = coop_logits(x, text, scale)
+        out = F.cross_entropy(logits, y) if loss_fn is None else loss_fn(learner, logits, y, text)
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        return loss, {"acc": float((logits.argmax(-1) == y).float().mean()) * 100, **logs}
+
+    with torch_threads(option(cfg, "threads")):  # tiny per-step ops: extra threads only synchronise
+        learner.train_history = trainer.fit(step, feature_batches(feats, labels, int(option(cfg, "batch_size")),
+                                                                   tcfg.seed))
+    return learner
 
 
 def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptLearner] | None = None,
@@ -301,6 +334,9 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
             seed_everything(t.seed)
             learners.append((build or build_learner)(t.bundle, t.dataset.classnames, cfg))
     learners = list(learners)
+    if any(has_grad_hooks(l) for l in learners):
+        raise ValueError("train_coop_many trains stacked copies of the parameters: a learner with gradient hooks "
+                         "needs train_coop_single")
     bundle = tasks[0].bundle
     data = [train_views(t, cfg) for t in tasks]
     feats = [f.to(bundle.device) for f, _ in data]

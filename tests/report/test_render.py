@@ -65,7 +65,7 @@ def test_real_profile_numbers_beside_the_paper(tmp_path):
                       "metric": "top1", "table": "Table 9", "values": {"EMB-Objects": 50.0, "Nowhere": 1.0}}],
         "claims": [{"id": "lp", "text": "t", "protocol": "fewshot", "source": "project",
                     "check": "mean(top1, method=linear_probe, shots=16) > mean(top1, method=linear_probe, shots=1)"}],
-        "deviations": [{"what": "smaller batch", "why": "memory"}]}))
+        "deviations": [{"what": "smaller batch", "why": "memory"}], "budget": {"none": "a test paper"}}))
     runs = world(tmp_path / "runs", profile="real", backbone="RN50")
     world(runs)                                                       # and the embedded runs
     text = write_report("demo", papers, runs).read_text()             # default out: next to paper.yaml
@@ -108,9 +108,40 @@ def test_paper_specific_figures_are_linked_when_drawn(tmp_path):
     (papers / "demo").mkdir(parents=True)
     (papers / "demo" / "paper.yaml").write_text(yaml.safe_dump({
         "slug": "demo", "title": "Demo", "authors": ["A"], "venue": "X", "year": 2024, "arxiv": "0000.00000",
-        "official_repo": "a/b", "reported": [], "claims": [],
+        "official_repo": "a/b", "reported": [], "claims": [], "budget": {"none": "a test paper"},
         "figures": [{"path": "heat.png", "caption": "search grid"}, {"path": "later.png"}]}))
     (papers / "demo" / "heat.png").write_bytes(b"png")
     write_report("demo", papers_root=papers, runs_root=tmp_path / "runs")
     text = (papers / "demo" / "REPORT.md").read_text()
     assert "![search grid](heat.png)" in text and "Not drawn yet (no run output): later.png." in text
+
+
+def test_a_trained_budget_needs_its_convergence_record(tmp_path):
+    """A paper that declares a training budget is refused without a record, or when config.yaml trains less
+    than the record justifies; with a matching record the report shows it."""
+    import json
+
+    from common.report.schema import PaperSpecError
+    papers = tmp_path / "papers"
+    (papers / "demo").mkdir(parents=True)
+    base = {"slug": "demo", "title": "Demo", "authors": ["A"], "venue": "X", "year": 2024, "arxiv": None,
+            "official_repo": None, "reported": [], "claims": [], "budget": {"epochs": "train.epochs", "lr": "train.lr"}}
+    (papers / "demo" / "paper.yaml").write_text(yaml.safe_dump(base))
+    (papers / "demo" / "config.yaml").write_text(yaml.safe_dump(
+        {"defaults": {"train": {"epochs": 40, "lr": 0.02}}, "profiles": {"embedded": {}, "real": {}}}))
+    with pytest.raises(PaperSpecError, match="has no convergence record"):
+        write_report("demo", papers_root=papers, runs_root=tmp_path / "runs")
+    record = {"paper": "demo", "method": "demo", "variant": "", "backbone": "tiny-rn", "checkpoint": "x", "shots": 16,
+              "seed": 1, "official_epochs": 200, "official_lr": 0.002, "lr_factors": [1, 10], "lr_factor": 10.0,
+              "lr": 0.02, "tolerance": 1.0, "mean_val_by_lr": {"1": 30.0, "10": 60.0},
+              "mean_val": {"25": 50.0, "50": 59.5, "100": 60.0, "200": 60.2}, "justified_epochs": 50,
+              "datasets": {"emb_x": {"final": {e: {"val": v, "loss": 1.0, "steps": 1} for e, v in
+                                               {"25": 50.0, "50": 59.5, "100": 60.0, "200": 60.2}.items()},
+                                     "val_curve": [{"step": 1, "val": 10.0}], "loss_curve": []}}}
+    (papers / "demo" / "convergence.json").write_text(json.dumps(record))
+    with pytest.raises(PaperSpecError, match="justifies at least 50 epochs at lr 0.02"):
+        write_report("demo", papers_root=papers, runs_root=tmp_path / "runs")    # 40 < 50
+    (papers / "demo" / "config.yaml").write_text(yaml.safe_dump(
+        {"defaults": {"train": {"epochs": 50, "lr": 0.02}}, "profiles": {"embedded": {}, "real": {}}}))
+    text = write_report("demo", papers_root=papers, runs_root=tmp_path / "runs").read_text()
+    assert "**50 epochs** (official 200)" in text and "justified." in text and "fig_convergence.png" in text

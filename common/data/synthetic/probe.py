@@ -2,7 +2,8 @@
 
     python -m common.data.synthetic.probe --arch tiny-rn --ckpt data/embedded/checkpoints/tiny-rn.pt
 
-Zero-shot: the dataset's CoOp-style template with each class name, cosine logits. Linear probe (CLIP /
+Zero-shot: the dataset's CoOp-style template with each class name, cosine logits, on the test split and (as
+`zero_shot_val`) on the val split: recipe choices are made on the val column, the test column is reported. Linear probe (CLIP /
 CoOp protocol): multinomial logistic regression on frozen, L2-normalised image features of K shots per
 class, C chosen on the few-shot val split (min(K, 4) per class), then scored on test. Images go through
 the model's own eval transform (`preprocess_val`), as every method sees them.
@@ -77,6 +78,11 @@ def probe_dataset(bundle, name: str, root: str | Path, shots: int = 16, seed: in
     yte = np.array([d.label for d in ds.test])
     zs = float(((test_f @ text_classifier(bundle, ds.classnames, ds.template).T).argmax(1).numpy() == yte).mean())
     row = {"dataset": name, "classes": ds.num_classes, "chance": 1.0 / ds.num_classes, "test": len(ds.test), "zero_shot": zs}
+    if ds.val:  # what recipe choices are made on (the test column is reported, never chosen on)
+        val_f = feats(ds.val, "val")
+        yva_all = np.array([d.label for d in ds.val])
+        row["zero_shot_val"] = float(((val_f @ text_classifier(bundle, ds.classnames, ds.template).T).argmax(1).numpy()
+                                      == yva_all).mean())
     if ds.train:
         train = sample_per_class(ds.train, shots, seed)
         val = sample_per_class(ds.val, min(shots, 4), seed)
