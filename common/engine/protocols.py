@@ -55,7 +55,7 @@ class Task:
 
 def _record(cfg: dict, paper: str, method: str, variant: str, protocol: str, dataset: str, source: str,
             shots: int | None, seed: int, values: dict, wall: float, n_classes: int | None = None,
-            train: Dataset | None = None) -> dict:
+            train: Dataset | None = None, tags: dict | None = None) -> dict:
     """A run record. `wall_s` is the whole run's time, training done before a resume included; `shots_used` appears
     when some class had fewer than `shots` training images (`fewshot_split` keeps all of them)."""
     rec = {"paper": paper, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": protocol,
@@ -64,7 +64,14 @@ def _record(cfg: dict, paper: str, method: str, variant: str, protocol: str, dat
            "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
     if train is not None and train.meta.get("shots_used"):
         rec["shots_used"] = train.meta["shots_used"]
+    rec.update(tags or {})   # e.g. sweep membership / the split a setting was chosen on (the leaderboard reads them)
     return rec
+
+
+def sweep_tags(param: str, value, default) -> dict:
+    """Record fields of one setting of a hyperparameter sweep (the leaderboard shows the default setting and
+    the validation-chosen one, the others behind a link)."""
+    return {"sweep": {"param": param, "value": value, "default": value == default}}
 
 
 def _exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=None) -> bool:
@@ -119,14 +126,14 @@ def group_dir(cfg, paper, protocol, dataset, method, variant, cells) -> Path:
 
 def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], dict[str, float]] | BatchedFit,
                 variant: str = "", datasets: list[str] | None = None, shots: list[int] | None = None,
-                seeds: list[int] | None = None) -> list[dict]:
+                seeds: list[int] | None = None, tags: dict | None = None) -> list[dict]:
     """K-shot training on each dataset's train split, top-1 on its full test split. A :class:`BatchedFit`
     trains the pending runs of each dataset (shot counts x seeds) as one batched model."""
     datasets = datasets or cfg["datasets"]
     jobs = [(d, k, s) for d in datasets for k in (shots or cfg["shots"]) for s in (seeds or cfg["seeds"])]
     bundle = bundle_for(cfg)
     if isinstance(fit_eval, BatchedFit):
-        return _fewshot_batched(cfg, paper, method, fit_eval, variant, jobs, bundle)
+        return _fewshot_batched(cfg, paper, method, fit_eval, variant, jobs, bundle, tags)
     out = []
     for name, k, seed in tqdm(jobs, desc=f"{paper}/{method} few-shot"):
         if _exists(cfg, paper, "fewshot", name, method, k, seed, variant):
@@ -138,12 +145,12 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
         seed_everything(seed)
         values = fit_eval(task)
         rec = _record(cfg, paper, method, variant, "fewshot", name, name, k, seed, values,
-                      time.time() - t0 + take_resumed_seconds(), full.num_classes, task.dataset)
+                      time.time() - t0 + take_resumed_seconds(), full.num_classes, task.dataset, tags)
         out.append(_finish(rec, task.out_dir))
     return out
 
 
-def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle) -> list[dict]:
+def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle, tags=None) -> list[dict]:
     out = []
     for name in tqdm(list(dict.fromkeys(d for d, _, _ in jobs)), desc=f"{paper}/{method} few-shot (batched)"):
         cells = [(k, s) for d, k, s in jobs if d == name and not _exists(cfg, paper, "fewshot", d, method, k, s, variant)]
@@ -158,7 +165,7 @@ def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle)
         for task, state in zip(tasks, states):
             values = fit.evaluate(state, task)
             rec = _record(cfg, paper, method, variant, "fewshot", name, name, task.shots, task.seed, values, wall,
-                          full.num_classes, task.dataset)
+                          full.num_classes, task.dataset, tags)
             out.append(_finish(rec, task.out_dir))
     return out
 
@@ -214,7 +221,8 @@ def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any
 
 def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callable[[Task], Any],
                  evaluate: Callable[[Any, Task], dict[str, float]], source: str, targets: list[str],
-                 variant: str = "", shots: int | None = 16, seeds: list[int] | None = None) -> list[dict]:
+                 variant: str = "", shots: int | None = 16, seeds: list[int] | None = None,
+                 tags: dict | None = None) -> list[dict]:
     """Train once on `source` (K-shot, all classes), evaluate on the source and every target with the
     target's own class names: cross-dataset (`cross_dataset`) or domain generalisation (`domain_generalization`).
     The seeds train together when `fit` can batch runs (`fit.many`)."""
@@ -239,7 +247,7 @@ def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callabl
             ds = task.dataset if name == source else targets_ds[name]
             values = evaluate(state, Task(cfg, bundle, ds, shots, task.seed, task.out_dir))
             rec = _record(cfg, paper, method, variant, protocol, name, source, shots, task.seed, values,
-                          wall, ds.num_classes, task.dataset)
+                          wall, ds.num_classes, task.dataset, tags)
             out.append(_finish(rec, task.out_dir if name == names[-1] else None))
     return out
 

@@ -83,9 +83,14 @@ def choose_betas(variant: str, cfg, name: str, val, test, val_wrong=None) -> tup
 
 
 def _zs_record(cfg, variant, protocol, dataset, source, values, wall) -> dict:
-    return {"paper": SLUG, "method": SLUG, "variant": variant, "profile": cfg["profile"], "protocol": protocol,
-            "dataset": dataset, "source": source, "backbone": cfg["arch"], "shots": None, "seed": 0,
-            "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
+    rec = {"paper": SLUG, "method": SLUG, "variant": variant, "profile": cfg["profile"], "protocol": protocol,
+           "dataset": dataset, "source": source, "backbone": cfg["arch"], "shots": None, "seed": 0,
+           "metrics": {k: round(float(v), 4) for k, v in values.items()}, "config": cfg, "wall_s": round(wall, 2)}
+    if variant == "test_oracle":       # the official search on test labels: shown, never ranked
+        rec["selected_on"] = "test"
+    elif variant.startswith("val"):
+        rec["selected_on"] = "val"
+    return rec
 
 
 def _done(cfg, protocol, dataset, variant, source=None) -> bool:

@@ -11,7 +11,7 @@ from common.cli import inputs, run_cli
 from common.clip import logit_scale
 from common.engine import classification_metrics
 from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense, train_pool
-from common.engine.protocols import Task, run_fewshot
+from common.engine.protocols import Task, run_fewshot, sweep_tags
 from papers.zeroshot_clip.method import zeroshot_weights
 
 from .method import VTCLIP
@@ -73,7 +73,8 @@ def ablation(cfg: dict) -> list[dict]:
     out = []
     for a in ab["alphas"]:
         out += run_fewshot(cfg, SLUG, SLUG, lambda task, a=a: fit_eval(task, float(a)), variant=f"alpha{a}",
-                           datasets=ab["datasets"] or None, shots=ab["shots"] or None, seeds=ab["seeds"] or None)
+                           datasets=ab["datasets"] or None, shots=ab["shots"] or None, seeds=ab["seeds"] or None,
+                           tags=sweep_tags("alpha", float(a), None))
     return out
 
 

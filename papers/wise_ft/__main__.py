@@ -17,7 +17,7 @@ import torch
 from common.cli import inputs, run_cli
 from common.data import build_dataset, fewshot_split
 from common.engine.evaluate import classification_metrics
-from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_transfer
+from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_transfer, sweep_tags
 from common.engine.runs import load_records
 from common.engine.threads import threaded
 from common.data.images import build_transform
@@ -131,7 +131,8 @@ def eval_all(cfg: dict) -> list[dict]:
             records += run_transfer(cfg, SLUG, SLUG, PROTOCOL, functools.partial(fit, cfg, kind),
                                     functools.partial(evaluate, cfg, kind, alpha), cfg["dg_source"],
                                     cfg["dg_targets"], variant=f"{kind}_a{alpha_name(alpha)}",
-                                    shots=cfg["dg_shots"], seeds=cfg["seeds"])
+                                    shots=cfg["dg_shots"], seeds=cfg["seeds"],
+                                    tags=sweep_tags("alpha", round(float(alpha), 4), 0.5))
     return records
 
 
