@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -12,11 +13,17 @@ from .errors import OutputWriteError
 LOW_SPACE = 1 << 20  # bytes; below this a failed write is blamed on the full disk
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary file `atomic_write` fills for `path` in this process."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call `write(tmp)` on `<path>.tmp` beside `path`, then rename it over `path`. On any failure the temporary
-    file is removed and an `OutputWriteError` names `path` and the cause."""
+    """Call `write(tmp)` on a temporary file beside `path` (named per process, so two processes filling the same
+    cache entry never share one), then rename it over `path`. On any failure the temporary file is removed and
+    an `OutputWriteError` names `path` and the cause."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)

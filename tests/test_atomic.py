@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from common.atomic import atomic_write, write_text_atomic
+from common.atomic import atomic_write, temp_path, write_text_atomic
 from common.errors import OutputWriteError, UserError
 
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -14,20 +14,20 @@ needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="nee
 def test_a_full_disk_is_named_and_the_old_file_survives(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text("old")
-    (tmp_path / "metrics.json.tmp").symlink_to("/dev/full")  # every write to the temporary file hits a full disk
+    temp_path(path).symlink_to("/dev/full")  # every write to the temporary file hits a full disk
     with pytest.raises(OutputWriteError) as err:
         write_text_atomic(path, "new" * 10000)
     assert isinstance(err.value, UserError)
     assert f"cannot write {path}: no space left on the device" in str(err.value)
-    assert path.read_text() == "old" and not (tmp_path / "metrics.json.tmp").exists()
+    assert path.read_text() == "old" and not temp_path(path).exists()
 
 
 @needs_dev_full
 def test_torch_short_write_is_explained(tmp_path):
     path = tmp_path / "features.pt"
-    (tmp_path / "features.pt.tmp").symlink_to("/dev/full")
+    temp_path(path).symlink_to("/dev/full")
     with pytest.raises(OutputWriteError, match=r"the write was cut short \(the disk is full or a file-size limit was hit\)"):
         atomic_write(path, lambda tmp: torch.save({"x": torch.zeros(1000)}, tmp))  # torch says "unexpected pos"
-    assert not path.exists() and not (tmp_path / "features.pt.tmp").exists()
+    assert not path.exists() and not temp_path(path).exists()
     atomic_write(path, lambda tmp: torch.save({"x": torch.zeros(3)}, tmp))  # and works once there is room
     assert torch.load(path)["x"].shape == (3,)
