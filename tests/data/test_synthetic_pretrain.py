@@ -113,3 +113,37 @@ def test_pretrain_writes_loadable_checkpoints_for_both_archs(tmp_path):
         with pytest.raises(RuntimeError, match="no CUDA GPU.*--device cpu"):
             P.pretrain("tiny-rn", rn, steps=1, batch=8, lr=1e-3, wd=0.1, warmup=1, pool=8, seed=0, progress=False,
                        device="cuda")
+
+
+def test_fixed_temperature_and_the_student_recipe(tmp_path):
+    """logit_scale > 0 fixes the temperature (not trained); the student recipe keeps the teacher's text tower
+    frozen (only the image tower moves), distils on the world's everyday stream and matches the teacher's
+    zero-shot distribution over the world's concepts."""
+    rn = tmp_path / "tiny-rn.pt"
+    P.pretrain("tiny-rn", rn, steps=2, batch=8, lr=1e-3, wd=0.1, warmup=1, pool=16, seed=0, eval_n=16,
+               progress=False, amp="fp32", logit_scale=100.0)
+    teacher = load_clip("tiny-rn", rn)
+    assert float(teacher.model.logit_scale.exp()) == pytest.approx(100.0)
+    vit = tmp_path / "tiny-vit.pt"
+    log = P.pretrain("tiny-vit", vit, steps=2, batch=8, lr=1e-2, wd=0.1, warmup=1, pool=16, seed=1, distill=1.0,
+                     teacher=str(rn), eval_n=16, progress=False, amp="fp32", logit_scale=100.0, bank_distill=1.0,
+                     freeze_text=True, student_stream=True)
+    assert log["freeze_text"] and log["student_stream"] and log["bank_distill"] == 1.0
+    assert log["distribution"]["styles"] == P.STUDENT_DIST.styles
+    student = load_clip("tiny-vit", vit)
+    for name in ("token_embedding.weight", "text_projection", "ln_final.weight", "transformer.resblocks.0.mlp.c_fc.weight"):
+        assert torch.equal(student.model.state_dict()[name], teacher.model.state_dict()[name]), name
+    with pytest.raises(ValueError, match="freeze_text keeps a teacher"):
+        P.pretrain("tiny-vit", vit, steps=1, batch=8, lr=1e-3, wd=0.1, warmup=1, pool=8, seed=1, freeze_text=True,
+                   progress=False)
+
+
+def test_concept_bank_distillation_is_zero_for_the_teacher_itself():
+    """The KL term compares the student's and the teacher's zero-shot distributions: zero when they agree."""
+    torch.manual_seed(0)
+    b = load_clip("tiny-rn", "random")
+    bank = P.concept_bank(b.model, b.tokenizer, torch.device("cpu"))
+    assert bank.shape[1] == b.embed_dim and torch.allclose(bank.norm(dim=-1), torch.ones(len(bank)))
+    f = F.normalize(torch.randn(4, b.embed_dim), dim=-1)
+    p = F.softmax(100 * f @ bank.T, -1)
+    assert float(F.kl_div(F.log_softmax(100 * f @ bank.T, -1), p, reduction="batchmean")) == pytest.approx(0, abs=1e-5)

@@ -1,0 +1,32 @@
+"""The budget rule's arithmetic: studied budgets, the chosen learning rate and the justified budget."""
+import pytest
+
+from common.engine import TrainConfig
+from common.engine.convergence import budgets, chosen_factor, justified, with_schedule
+
+
+def test_budgets_are_fractions_of_the_official_count():
+    assert budgets(200) == [25, 50, 100, 200]
+    assert budgets(4) == [1, 2, 4]          # at least one epoch, no repeats
+
+
+def test_the_official_rate_is_kept_unless_beaten_by_more_than_a_point():
+    assert chosen_factor({"1": 60.0, "3": 60.9, "10": 55.0}) == 1.0
+    assert chosen_factor({"1": 58.7, "3": 58.9, "10": 60.9}) == 10.0
+    assert chosen_factor({"1": 40.0, "100": 65.6, "30": 59.4}) == 100.0
+
+
+def test_justified_budget_is_the_smallest_within_a_point_of_the_longest():
+    rec = {"mean_val": {"25": 50.9, "50": 59.6, "100": 57.7, "200": 60.9}}
+    assert justified(rec) == 200                       # 59.6 is 1.3 below: the official count stays
+    rec = {"mean_val": {"25": 62.5, "50": 65.5, "100": 68.3, "200": 68.3}}
+    assert justified(rec) == 100
+
+
+def test_a_study_overrides_epochs_and_lr_per_run():
+    class T:
+        extra = {"schedule": {"epochs": 3, "lr": 0.5}}
+    cfg = with_schedule(TrainConfig(epochs=200, lr=0.002, warmup_epochs=5), T())
+    assert (cfg.epochs, cfg.lr, cfg.warmup_epochs) == (3, 0.5, 3)
+    T.extra = {}
+    assert with_schedule(TrainConfig(epochs=7), T()).epochs == 7
