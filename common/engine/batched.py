@@ -38,7 +38,7 @@ import sys
 
 from ..atomic import atomic_write, write_text_atomic
 from ..errors import ConfigError, TrainingDiverged
-from .train import _RESTART, _RESUMED, TrainConfig, index_batches, lr_at
+from .train import _RESUMED, TrainConfig, index_batches, lr_at, resume_checkpoint
 
 StepFn = Callable[[list], Any]
 
@@ -229,14 +229,9 @@ class BatchedTrainer:
         """Resume from `out_dir/checkpoint.pt` (same runs and settings) and say so; under `--set force=true`
         (`train.restarting`) an existing checkpoint is deleted and training starts from scratch."""
         path = self.checkpoint_path
-        if path is None or not path.is_file():
+        ck = resume_checkpoint(path, self.desc)
+        if ck is None:
             return False
-        if _RESTART.get():
-            path.unlink()
-            tqdm.write(f"{self.desc}: force=true, so {path} was discarded and training starts from scratch",
-                       file=sys.stderr)
-            return False
-        ck = torch.load(path, map_location="cpu", weights_only=False)
         if ck["runs"] != self._signature():
             raise ConfigError(f"checkpoint {path} of an interrupted run was written for other runs or training "
                               f"options; rerun with the old options to resume it, or add --set force=true to start "

@@ -43,6 +43,18 @@ def restarting(enabled: bool = True):
         _RESTART.reset(token)
 
 
+def resume_checkpoint(path: Path | None, desc: str) -> dict | None:
+    """The resume checkpoint at `path`, or None when there is none or `--set force=true` (`restarting()`)
+    discards it (said on stderr): the single-run and the batched trainers resume through this."""
+    if path is None or not path.is_file():
+        return None
+    if _RESTART.get():
+        path.unlink()
+        tqdm.write(f"{desc}: force=true, so {path} was discarded and training starts from scratch", file=sys.stderr)
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def take_resumed_seconds() -> float:
     """Training time that the runs resumed since the last call had spent before their interruption (and reset it):
     a protocol adds it to a run's wall time, so `wall_s` covers the whole run."""
@@ -166,14 +178,9 @@ class Trainer:
         """Resume from `out_dir/checkpoint.pt` if present (config must match), and say so. Inside `restarting()`
         (`--set force=true`) an existing checkpoint is deleted instead and training starts from scratch."""
         path = self.checkpoint_path
-        if path is None or not path.is_file():
+        ckpt = resume_checkpoint(path, self.desc)
+        if ckpt is None:
             return False
-        if _RESTART.get():
-            path.unlink()
-            tqdm.write(f"{self.desc}: force=true, so {path} was discarded and training starts from scratch",
-                       file=sys.stderr)
-            return False
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if ckpt["config"] != asdict(self.cfg):
             diff = {k: (ckpt["config"].get(k), v) for k, v in asdict(self.cfg).items() if ckpt["config"].get(k) != v}
             raise ConfigError(f"checkpoint {path} of an interrupted run was written with another config of "
