@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 from common.cli import run_cli
+from common.config import load_config
+from common.engine import convergence
 from common.data import build_dataset, subsample_classes
 from common.engine import load_records
 from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_base2novel, run_transfer
@@ -63,6 +65,22 @@ def eval_(cfg: dict) -> list[dict]:
     return out
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study on the base classes (16 shots, seed 1): learning rate at the official 10 epochs, then
+    budgets -> papers/cocoop/convergence.json"""
+    from common.data import fewshot_split, subsample_classes
+    real = load_config(CONFIG, "real")
+    bundle = bundle_for(cfg)
+
+    def base_task(name, data, shots, seed):
+        return Task(cfg, bundle, subsample_classes(fewshot_split(data, shots, seed), "base"), shots, seed, None)
+    return convergence.study(cfg, SLUG, SLUG, variant(cfg), lambda tasks: train_cocoop_many(tasks, cfg),
+                             lambda learner, task: evaluate(learner, task, split="val")["top1"],
+                             int(real["epochs"]), float(real["train"]["lr"]), convergence.STUDY_DATASETS,
+                             shots=int(cfg["b2n_shots"]), make_task=base_task, lr_factors=(1, 3, 10, 30),
+                             note="base classes of the base-to-novel protocol (the split CoCoOp trains on)")
+
+
 def reproduce(cfg: dict) -> None:
     """base-to-novel on every dataset, cross-dataset transfer and domain generalisation"""
     fit = fitter(cfg)
@@ -96,7 +114,8 @@ def cost(cfg: dict) -> list[dict]:
 
 
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce, "cost": cost},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce, "cost": cost,
+                                  "convergence": convergence_cmd},
                    "CoCoOp (Zhou et al., CVPR 2022): CoOp's context plus an image-conditional token from a "
                    "Meta-Net, trained in real batches on cached image features.", argv)
 

@@ -110,7 +110,7 @@ def train_cocoop_many(tasks, cfg: dict, learners=None, desc: str | None = None, 
                            out_dir=out_dir, eval_fn=eval_fn, eval_every=eval_every, build=build_learner,
                            logits_many=cocoop_logits_many,
                            schedule=lambda t, n: train_config(cfg, t, epochs=int(cfg.get("epochs") or 10)),
-                           batch_size=int(cfg.get("batch_size") or 1))
+                           batch_size=int(cfg.get("batch_size") or 1), evaluate_fn=evaluate)
 
 
 def cocoop_logits_many(learners, xs, scale: float) -> list[tuple]:

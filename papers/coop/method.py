@@ -316,7 +316,7 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
                     loss_fns: Sequence[LossFn] | None = None, desc: str | None = None, out_dir=None,
                     eval_fn: Callable | None = None, eval_every: int = 0, build: Callable | None = None,
                     logits_many: Callable | None = None, schedule: Callable | None = None,
-                    batch_size: int | None = None) -> list[PromptLearner]:
+                    batch_size: int | None = None, evaluate_fn: Callable | None = None) -> list[PromptLearner]:
     """Train CoOp-style learners on several tasks at once, as one batched model (common.engine.batched):
     each run keeps its own data, seed, schedule and learning rate, and ends where it would end alone.
 
@@ -326,7 +326,7 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
     `eval_fn(learners) -> (R,)` (optional, every `eval_every` steps): a convergence record per run.
     Methods built on CoOp pass their own `build(bundle, classnames, cfg)`, `logits_many(learners, xs, scale) ->
     [(logits, text features)]` (CoCoOp: per-image prompts), `schedule(task, n_train) -> TrainConfig` and
-    `batch_size`."""
+    `batch_size`, and `evaluate_fn(learner, task, split=...)` for a convergence study's validation curve."""
     from common.engine.batched import BatchedTrainer, RunSchedule, stack_parameters
     if learners is None:
         learners = []
@@ -347,7 +347,8 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
     runs = [RunSchedule(schedule_of(t, y.numel()), y.numel(), batch_size, label=f"{t.dataset.name} k{t.shots} s{t.seed}")
             for t, y in zip(tasks, labels)]
     if eval_fn is None and any(t.extra.get("on_eval") for t in tasks):   # a convergence study's validation curve
-        eval_fn = lambda ls: torch.tensor([evaluate(l, t, split="val")["top1"] if t.extra.get("on_eval") else 0.0
+        score = evaluate_fn or evaluate
+        eval_fn = lambda ls: torch.tensor([score(l, t, split="val")["top1"] if t.extra.get("on_eval") else 0.0
                                            for l, t in zip(ls, tasks)])
         eval_every = eval_every or convergence.eval_every(max(r.total_steps for r in runs))
     logits_many = logits_many or coop_logits_many
