@@ -73,14 +73,30 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     return np.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-def mean_iou(pred, target, num_classes: int, ignore_index: int | None = None) -> float:
-    """mIoU (%) over classes present in prediction or target (mmseg's convention of ignoring NaN)."""
-    cm = confusion_matrix(pred, target, num_classes, ignore_index).astype(float)
+def iou_per_class(cm) -> np.ndarray:
+    """Per-class IoU (%) from a (K, K) confusion matrix (rows: target, columns: prediction), summed over any
+    number of images as mmseg accumulates it; NaN where a class is neither in the target nor predicted."""
+    cm = _np(cm).astype(float)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion matrix must be square, got shape {cm.shape}")
     inter = np.diag(cm)
     union = cm.sum(0) + cm.sum(1) - inter
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = inter / union
-    return float(np.nanmean(iou) * 100)
+        return inter / union * 100
+
+
+def miou_from_confusion(cm, classes=None) -> float:
+    """mIoU (%) of an accumulated confusion matrix over `classes` (default all), NaN classes left out."""
+    iou = iou_per_class(cm)
+    iou = iou if classes is None else iou[np.asarray(classes, dtype=np.int64)]
+    if np.isnan(iou).all():
+        raise ValueError("no class occurs in the target or the prediction: mIoU is undefined")
+    return float(np.nanmean(iou))
+
+
+def mean_iou(pred, target, num_classes: int, ignore_index: int | None = None) -> float:
+    """mIoU (%) over classes present in prediction or target (mmseg's convention of ignoring NaN)."""
+    return miou_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))
 
 
 # ------------------------------------------------------------------------------------------ hierarchical

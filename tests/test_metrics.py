@@ -42,3 +42,19 @@ def test_mean_iou_hand_computed():
     # class 0: inter 1, union 3 (pred 0 at two places, target 0 at two) -> 1/3
     # class 1: inter 2, union 3 -> 2/3 ; class 2: inter 0, union 1 (target only, pred 2 sits on ignore) -> 0
     assert metrics.mean_iou(pred, target, 3, ignore_index=255) == pytest.approx((1 / 3 + 2 / 3 + 0) / 3 * 100)
+
+
+def test_miou_from_accumulated_confusion_equals_one_pass_and_subsets_classes():
+    """Two images' confusion matrices summed give the mIoU of both images at once (mmseg accumulates over the
+    dataset, not per image); `classes` averages a subset (e.g. the dataset's own classes under a larger vocabulary)."""
+    t1, p1 = np.array([0, 0, 1, 255]), np.array([0, 1, 1, 2])
+    t2, p2 = np.array([2, 2, 1]), np.array([2, 0, 3])
+    cm = metrics.confusion_matrix(p1, t1, 4, 255) + metrics.confusion_matrix(p2, t2, 4, 255)
+    both = metrics.mean_iou(np.r_[p1, p2], np.r_[t1, t2], 4, ignore_index=255)
+    assert metrics.miou_from_confusion(cm) == pytest.approx(both)
+    # class 0: inter 1, union 3; class 1: inter 1, union 3; class 2: inter 1, union 2; class 3: predicted only -> 0
+    iou = metrics.iou_per_class(cm)
+    assert iou == pytest.approx([100 / 3, 100 / 3, 50, 0])
+    assert metrics.miou_from_confusion(cm, classes=[0, 1, 2]) == pytest.approx((100 / 3 + 100 / 3 + 50) / 3)
+    with pytest.raises(ValueError, match="undefined"):
+        metrics.miou_from_confusion(np.zeros((3, 3)))

@@ -8,8 +8,13 @@
 - `return_dense`: also return per-location features in the joint embedding space, (n, h*w, D):
   ViT: `ln_post(patch tokens) @ proj`; ResNet: the attention pool's value path (v_proj -> c_proj)
   at every location, the dense trick of MaskCLIP/DenseCLIP. `dense_mode="value"` on ViT gives
-  MaskCLIP's last-layer value embeddings instead.
+  MaskCLIP's last-layer value path instead (`vit_value_path`).
 With no hooks the result equals `model.encode_image` exactly.
+
+`value_path_dense(model, images)`: MaskCLIP's dense features at any input size (ResNet: v_proj -> c_proj per
+location, no positions; ViT: positional embeddings resized bicubically, last block with its attention replaced
+by each token's own value), optionally with the keys of the final attention (MaskCLIP's key smoothing) and the
+ordinary query-key attention outputs at every location (the naive dense use of CLIP) from the same pass.
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ def encode_image_hooked(model: nn.Module, images: torch.Tensor,
 def _vit_forward(visual: nn.Module, x: torch.Tensor, deep_prompts, return_dense: bool, dense_mode: str):
     if getattr(visual, "attn_pool", None) is not None:
         raise ValueError("visual hooks support CLIP ViTs without attentional pooling")
-    x = visual._embeds(x.to(visual.conv1.weight.dtype))  # conv, CLS, positions, ln_pre: (n, 1+hw, w)
+    x = vit_embeds(visual, x.to(visual.conv1.weight.dtype))  # conv, CLS, positions, ln_pre: (n, 1+hw, w)
     n_prompt = 0
     if deep_prompts:
         first = deep_prompts[0].to(x.dtype)
@@ -86,21 +91,59 @@ def _vit_forward(visual: nn.Module, x: torch.Tensor, deep_prompts, return_dense:
         if dense_mode == "tokens":
             tokens = visual.ln_post(x[:, 1 + n_prompt:])
         elif dense_mode == "value":
-            tokens = visual.ln_post(_value_path(blocks[-1], last_input)[:, 1 + n_prompt:])
+            tokens = visual.ln_post(vit_value_path(blocks[-1], last_input)[:, 1 + n_prompt:])
         else:
             raise ValueError(f"dense_mode must be 'tokens' or 'value', got {dense_mode!r}")
         dense = tokens @ visual.proj if visual.proj is not None else tokens
     return pooled, dense
 
 
-def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """MaskCLIP: the last block's value embedding through the output projection (no q-k attention, no MLP)."""
+def vit_embeds(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's `VisionTransformer._embeds` (patch conv, CLS, positions, patch dropout, ln_pre) at any input
+    size: the patch positions are resized bicubically to the input's grid (align_corners=False, as mmseg's ViT
+    does for MaskCLIP); at the model's own size this is `_embeds` exactly."""
+    return _vit_embeds_grid(visual, x)[0]
+
+
+def _vit_embeds_grid(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    x = visual.conv1(x)
+    h, w = x.shape[-2:]
+    x = x.reshape(x.shape[0], x.shape[1], h * w).permute(0, 2, 1)
+    cls = visual.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    pos = visual.positional_embedding.to(x.dtype)
+    if pos.shape[0] != h * w + 1:
+        side = int(round((pos.shape[0] - 1) ** 0.5))
+        if side * side != pos.shape[0] - 1:
+            raise ValueError(f"cannot resize {pos.shape[0] - 1} patch positions: not a square grid")
+        grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        pos = torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)], dim=0)
+    x = x + pos
+    x = visual.patch_dropout(x)
+    return visual.ln_pre(x), (h, w)
+
+
+def vit_value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MaskCLIP's last ViT block: every token's attention output is its own value (no query-key mixing):
+    x + out_proj(W_v ln_1(x) + b_v), then the block's MLP with its residual (the official mmseg ViT's
+    `return_qkv` path). Equals the block run with an attention mask that lets each token see only itself."""
     attn = block.attn
     y = block.ln_1(x)
     w_v = attn.in_proj_weight[2 * attn.embed_dim:]
     b_v = attn.in_proj_bias[2 * attn.embed_dim:] if attn.in_proj_bias is not None else None
-    v = F.linear(y, w_v, b_v)
-    return attn.out_proj(v)
+    x = x + block.ls_1(attn.out_proj(F.linear(y, w_v, b_v)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def vit_keys(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Keys of a ViT block's attention as MaskCLIP's key smoothing reads them: out_proj(W_k ln_1(x) + b_k)
+    (the official code pushes q, k and v alike through the output projection)."""
+    attn = block.attn
+    e = attn.embed_dim
+    w_k = attn.in_proj_weight[e:2 * e]
+    b_k = attn.in_proj_bias[e:2 * e] if attn.in_proj_bias is not None else None
+    return attn.out_proj(F.linear(block.ln_1(x), w_k, b_k))
 
 
 def _resnet_forward(visual: nn.Module, x: torch.Tensor, return_dense: bool):
@@ -135,6 +178,76 @@ def resnet_feature_map(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     visual = model.visual
     x = visual.stem(images.to(visual.conv1.weight.dtype))
     return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+
+
+def attention_pool_tokens(attnpool: nn.Module, fmap: torch.Tensor, with_position: bool = True) -> torch.Tensor:
+    """All HW+1 outputs (n, 1+HW, D) of a CLIP `AttentionPool2d` run on [mean token; HW tokens] of a (n, C, h, w)
+    map; [:, 0] is its usual output. `with_position=False` skips the positional embedding (MaskCLIP's
+    `attn_pooling` switch, which works at any map size)."""
+    n, c, h, w = fmap.shape
+    x = fmap.reshape(n, c, h * w).permute(2, 0, 1)                    # (HW, n, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)           # (HW+1, n, C)
+    if with_position:
+        pos = attnpool.positional_embedding
+        if pos.shape[0] != h * w + 1:
+            raise ValueError(f"feature map {h}x{w} does not match the attention pool's {pos.shape[0] - 1} positions; "
+                             f"encode images at the model's own resolution")
+        x = x + pos[:, None, :].to(x.dtype)
+    x, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=attnpool.num_heads,
+        q_proj_weight=attnpool.q_proj.weight, k_proj_weight=attnpool.k_proj.weight,
+        v_proj_weight=attnpool.v_proj.weight, in_proj_weight=None,
+        in_proj_bias=torch.cat([attnpool.q_proj.bias, attnpool.k_proj.bias, attnpool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=attnpool.c_proj.weight, out_proj_bias=attnpool.c_proj.bias,
+        use_separate_proj_weight=True, training=False, need_weights=False)
+    return x.permute(1, 0, 2)
+
+
+def value_path_dense(model: nn.Module, images: torch.Tensor, keys: bool = False,
+                     attention: bool = False) -> dict:
+    """MaskCLIP's dense features of `images` at their own size (any size), from one pass of the image tower.
+
+    Returns {"dense": (n, h, w, D) in the joint space (not normalised), "keys": (n, h*w, C) or None,
+    "attention": (n, h, w, D) or None}:
+    - ResNet: on the last-stage map X, dense = c_proj(v_proj(X)) per location (1x1 convolutions, no positional
+      embedding); keys = k_proj(X); attention = the attention pool's full query-key attention over
+      [mean; HW tokens] without positions, its HW location outputs (the official head's `attn_pooling`).
+    - ViT: blocks 1..L-1 as usual (positions resized to the grid), the last block through `vit_value_path`,
+      then ln_post and proj on the patch tokens; keys = `vit_keys` of the last block's input (patch tokens);
+      attention = the ordinary last block's patch tokens through ln_post and proj.
+    """
+    if is_vit(model):
+        visual = model.visual
+        if getattr(visual, "attn_pool", None) is not None or visual.pool_type != "tok":
+            raise ValueError("value_path_dense supports CLIP ViTs (CLS pooling, no attentional pooler)")
+        x, (h, w) = _vit_embeds_grid(visual, images.to(visual.conv1.weight.dtype))
+        blocks = visual.transformer.resblocks
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        x = x if batch_first else x.transpose(0, 1)
+        for block in blocks[:-1]:
+            x = block(x)
+        out_attn = blocks[-1](x) if attention else None
+        if not batch_first:
+            x = x.transpose(0, 1)
+            out_attn = out_attn.transpose(0, 1) if out_attn is not None else None
+
+        def head(t):
+            t = visual.ln_post(t[:, 1:])
+            t = t @ visual.proj if visual.proj is not None else t
+            return t.reshape(t.shape[0], h, w, -1)
+        return {"dense": head(vit_value_path(blocks[-1], x)),
+                "keys": vit_keys(blocks[-1], x)[:, 1:] if keys else None,
+                "attention": head(out_attn) if attention else None}
+    if is_resnet(model):
+        pool = model.visual.attnpool
+        fmap = resnet_feature_map(model, images)
+        n, c, h, w = fmap.shape
+        tokens = fmap.reshape(n, c, h * w).permute(0, 2, 1)
+        dense = pool.c_proj(pool.v_proj(tokens)).reshape(n, h, w, -1)
+        att = attention_pool_tokens(pool, fmap, with_position=False)[:, 1:].reshape(n, h, w, -1) if attention else None
+        return {"dense": dense, "keys": pool.k_proj(tokens) if keys else None, "attention": att}
+    raise TypeError(f"unsupported image tower {type(model.visual).__name__}")
 
 
 def vit_width(model: nn.Module) -> int:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..clip.loader import ClipBundle
-from ..clip.visual import encode_image_hooked, is_resnet, resnet_feature_map
+from ..clip.visual import attention_pool_tokens, encode_image_hooked, is_resnet, resnet_feature_map
 from ..data.registry import Datum
 from .cache import FeatureCache, cached_features
 
@@ -29,23 +29,7 @@ DENSE_MODES = ("attnpool", "value")
 
 def attnpool_tokens(attnpool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
     """All HW+1 outputs (n, 1+HW, D) of a CLIP `AttentionPool2d` on a (n, C, h, w) map; [:, 0] is its usual output."""
-    n, c, h, w = fmap.shape
-    pos = attnpool.positional_embedding
-    if pos.shape[0] != h * w + 1:
-        raise ValueError(f"feature map {h}x{w} does not match the attention pool's {pos.shape[0] - 1} positions; "
-                         f"encode images at the model's own resolution")
-    x = fmap.reshape(n, c, h * w).permute(2, 0, 1)                    # (HW, n, C)
-    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)           # (HW+1, n, C)
-    x = x + pos[:, None, :].to(x.dtype)
-    x, _ = F.multi_head_attention_forward(
-        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=attnpool.num_heads,
-        q_proj_weight=attnpool.q_proj.weight, k_proj_weight=attnpool.k_proj.weight,
-        v_proj_weight=attnpool.v_proj.weight, in_proj_weight=None,
-        in_proj_bias=torch.cat([attnpool.q_proj.bias, attnpool.k_proj.bias, attnpool.v_proj.bias]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-        out_proj_weight=attnpool.c_proj.weight, out_proj_bias=attnpool.c_proj.bias,
-        use_separate_proj_weight=True, training=False, need_weights=False)
-    return x.permute(1, 0, 2)
+    return attention_pool_tokens(attnpool, fmap, with_position=True)
 
 
 def encode_global_and_dense(model: nn.Module, images: torch.Tensor, mode: str = "attnpool") -> torch.Tensor:
