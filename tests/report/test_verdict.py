@@ -102,6 +102,23 @@ def test_one_seed_on_one_dataset_is_inconclusive(tmp_path):
     assert v.status == REPRODUCED and v.noise.stability == "deterministic"
 
 
+def test_replicates_without_shots_are_resampled(tmp_path):
+    """A deterministic method scored on seeded folds of its test set (or a seeded run without a shot count) has
+    several seeds per cell: they are replicates, so a difference inside their spread is inconclusive, not decided
+    by the first seed alone; a clear one is reproduced and its stability is judged per seed."""
+    for s, (a, b) in zip((1, 2, 3), ((12.0, 10.0), (9.0, 10.0), (11.0, 10.5))):
+        rec(tmp_path, "a", "x", {"miou": a}, protocol="segmentation", seed=s)
+        rec(tmp_path, "b", "x", {"miou": b}, protocol="segmentation", seed=s)
+    v = verdict(tmp_path, "mean(miou, method=a) > mean(miou, method=b)", protocol="segmentation")
+    assert v.holds and v.status == INCONCLUSIVE and v.seeds == [1, 2, 3]
+    assert v.terms[0].value == pytest.approx(32 / 3)                        # the mean over the three folds
+    assert v.noise.stability == "fragile"
+    for s in (1, 2, 3):
+        rec(tmp_path, "c", "x", {"miou": 20.0 + s}, protocol="segmentation", seed=s)
+    v = verdict(tmp_path, "mean(miou, method=c) > mean(miou, method=b)", protocol="segmentation")
+    assert v.status == REPRODUCED and v.noise.stability == "stable"
+
+
 def test_near_chance_datasets_decide_nothing(tmp_path):
     # zero-shot on 'hard' (10 classes) is 15% < 2 x chance: the dataset is left out of the grid
     for ds, zs in (("easy", 60.0), ("hard", 15.0)):
