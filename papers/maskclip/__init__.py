@@ -1,0 +1,1 @@
+"""MaskCLIP: annotation-free segmentation from CLIP's last-layer value path (Zhou, Loy, Dai, ECCV 2022)."""
