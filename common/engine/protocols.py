@@ -35,6 +35,38 @@ def bundle_for(cfg: dict) -> ClipBundle:
     return _BUNDLES[key]
 
 
+def backbone_configs(cfg: dict) -> list[dict]:
+    """The configs a multi-backbone `reproduce` runs, one per entry of the `backbones` option ("arch=checkpoint",
+    or "arch" for the config's `pretrained`); the config itself when the option is empty or absent."""
+    out = []
+    for entry in cfg.get("backbones") or []:
+        arch, _, pretrained = str(entry).partition("=")
+        out.append({**cfg, "arch": arch.strip(), "pretrained": pretrained.strip() or cfg["pretrained"]})
+    return out or [cfg]
+
+
+def backbone_problems(cfg: dict) -> list[str]:
+    """What `backbone_configs` would fail on, for a paper's `validate` hook: malformed entries, unknown archs and
+    missing weights, each one line."""
+    from ..clip.loader import check_weights
+    from ..errors import UserError, one_line
+    entries = cfg.get("backbones") or []
+    if not isinstance(entries, list):
+        return [f"backbones must be a list of 'arch=checkpoint' entries, got {entries!r}"]
+    problems = []
+    for entry in entries:
+        arch, _, pretrained = str(entry).partition("=")
+        if not arch.strip():
+            problems.append(f"backbones: entry {entry!r} names no arch; write 'arch=checkpoint' (e.g. "
+                            f"tiny-vit=data/embedded/checkpoints/tiny-vit.pt)")
+            continue
+        try:
+            check_weights(arch.strip(), pretrained.strip() or cfg.get("pretrained"))
+        except UserError as err:
+            problems.append(f"backbones: {one_line(str(err))}")
+    return problems
+
+
 @dataclass
 class Task:
     """Everything a method needs for one run."""

@@ -302,7 +302,8 @@ class Report:
 
     def real_section(self, has_real: bool) -> str:
         slug = self.paper.slug
-        cmd = f"python -m papers.{slug} reproduce --profile real --set data_root=/path/to/DATA"
+        cmd = f"python -m papers.{slug} reproduce --profile real --set data_root=/path/to/DATA" + \
+            (f" {self.paper.real_args}" if self.paper.real_args else "")
         if not has_real:
             datasets = sorted({r.dataset for r in self.paper.reported if norm(r.dataset) not in AGGREGATE_ROWS}) \
                 or ["the paper's datasets"]
@@ -374,7 +375,8 @@ class Report:
                           *emb, f"python -m common.report {self.paper.slug}", "```", "",
                           "Real profile (GPU, real datasets and weights):", "", "```",
                           *[e.replace("--profile embedded", "--profile real --set data_root=/path/to/DATA")
-                            for e in emb], f"python -m common.report {self.paper.slug}", "```"])
+                            + (f" {self.paper.real_args}" if f == self.paper.slug and self.paper.real_args else "")
+                            for f, e in zip(folders, emb)], f"python -m common.report {self.paper.slug}", "```"])
 
 
 AGGREGATE_ROWS = {"average", "avg", "mean"}

@@ -60,6 +60,8 @@ are the paper's numbers on real CLIP: such a check must be judged on the real pr
       - {what: "...", why: "..."}
     figures:                           # optional: the paper's own figures (files in its folder, made by its
       - {path: heatmap_alpha_beta.png, caption: "alpha/beta search on val"}   #  entry point from run outputs)
+    real_args: "--set descriptors=/path/to/files"   # optional: what the real-profile command needs besides
+                                      # data_root (shown in the report's exact command)
     budget:                            # the embedded training budget and what justifies it (common/engine/convergence.py)
       epochs: train.epochs             # embedded config key of the epochs at the representative setting (16 shots)
       lr: train.lr                     # ... and of the learning rate; the record is papers/<slug>/convergence.json
@@ -78,7 +80,8 @@ from .expr import Expression, ExpressionError
 from .records import PROFILES, PROTOCOLS, norm, stand_in
 
 TOP_KEYS = {"slug", "title", "authors", "venue", "year", "arxiv", "official_repo", "url", "note", "backbone",
-            "embedded_backbone", "defaults", "compare", "reported", "claims", "deviations", "figures", "budget"}
+            "embedded_backbone", "defaults", "compare", "reported", "claims", "deviations", "figures", "budget",
+            "real_args"}
 REQUIRED_TOP = ("slug", "title", "authors", "venue", "year", "arxiv", "official_repo", "reported", "claims")
 ROW_KEYS = {"protocol", "dataset", "backbone", "shots", "method", "variant", "metric", "value", "table",
             "verified", "note", "source", "values"}
@@ -144,6 +147,7 @@ class Paper:
     deviations: list[dict[str, str]] = field(default_factory=list)
     figures: list[dict[str, str]] = field(default_factory=list)
     budget: dict[str, str] | None = None
+    real_args: str | None = None
     path: Path | None = None
 
     def backbone_for(self, profile: str, claim: Claim | None = None) -> str | None:
@@ -289,12 +293,15 @@ def parse_paper(data: Any, where: str = "paper.yaml", folder: str | None = None,
         if not isinstance(budget, dict) or (kinds and len(budget) != 1) or \
                 (not kinds and set(budget) != {"epochs", "lr"}) or not all(isinstance(v, str) and v for v in budget.values()):
             fail("budget must be {epochs: <config key>, lr: <config key>}, {none: <why>} or {pending: <why>}")
+    real_args = data.get("real_args")
+    if real_args is not None and not (isinstance(real_args, str) and real_args.strip()):
+        fail("real_args must be the extra command-line arguments of the real-profile run, e.g. \"--set key=value\"")
     return Paper(slug=slug, title=_str(data["title"], "title", fail), authors=list(authors),
                  venue=_str(data["venue"], "venue", fail), year=year, arxiv=arxiv, official_repo=repo,
                  reported=reported, claims=claims, url=data.get("url"), note=data.get("note"),
                  backbone=data.get("backbone"), embedded_backbone=data.get("embedded_backbone"),
                  defaults=defaults, compare=list(compare), deviations=deviations, figures=figures,
-                 budget=budget, path=path)
+                 budget=budget, real_args=real_args.strip() if real_args else None, path=path)
 
 
 def _check_premises(claims: list[Claim], fail) -> None:

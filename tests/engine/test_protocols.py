@@ -85,3 +85,19 @@ def test_records_cover_the_whole_run_say_what_was_used_and_print_metrics(tmp_pat
     assert "resumed from" in out.err and "fewshot toy demo k=8 seed=1: top1 50.00\n" in out.out
     assert run_fewshot(cfg, "demo", "demo", fit_eval) == []
     assert "fewshot toy demo k=8 seed=1: top1 50.00  (existing record" in capsys.readouterr().out
+
+
+def test_backbone_configs_and_their_problems(tmp_path, tiny_rn):
+    from common.clip import save_clip_checkpoint
+    from common.engine.protocols import backbone_configs, backbone_problems
+    ckpt = save_clip_checkpoint(tiny_rn.model, tmp_path / "rn.pt")
+    cfg = {"arch": "tiny-rn", "pretrained": str(ckpt), "backbones": []}
+    assert backbone_configs(cfg) == [cfg] and backbone_problems(cfg) == []
+    cfg["backbones"] = [f"tiny-rn={ckpt}", "tiny-rn"]
+    out = backbone_configs(cfg)
+    assert [(c["arch"], c["pretrained"]) for c in out] == [("tiny-rn", str(ckpt)), ("tiny-rn", str(ckpt))]
+    assert backbone_problems(cfg) == []
+    bad = {**cfg, "backbones": [f"tiny-rn={tmp_path / 'nope.pt'}", "=x", "no-such-arch=random"]}
+    problems = backbone_problems(bad)
+    assert len(problems) == 3 and "does not exist" in problems[0] and "names no arch" in problems[1]
+    assert "unknown CLIP architecture" in problems[2]

@@ -65,7 +65,11 @@ def test_real_profile_numbers_beside_the_paper(tmp_path):
                       "metric": "top1", "table": "Table 9", "values": {"EMB-Objects": 50.0, "Nowhere": 1.0}}],
         "claims": [{"id": "lp", "text": "t", "protocol": "fewshot", "source": "project",
                     "check": "mean(top1, method=linear_probe, shots=16) > mean(top1, method=linear_probe, shots=1)"}],
-        "deviations": [{"what": "smaller batch", "why": "memory"}], "budget": {"none": "a test paper"}}))
+        "deviations": [{"what": "smaller batch", "why": "memory"}], "budget": {"none": "a test paper"},
+        "real_args": "--set descriptors=/path/to/files"}))
+    text = write_report("demo", papers, world(tmp_path / "emb_only")).read_text()
+    assert text.count("python -m papers.demo reproduce --profile real --set data_root=/path/to/DATA --set "
+                      "descriptors=/path/to/files") == 2                # "not run here" and the Reproduce section
     runs = world(tmp_path / "runs", profile="real", backbone="RN50")
     world(runs)                                                       # and the embedded runs
     text = write_report("demo", papers, runs).read_text()             # default out: next to paper.yaml

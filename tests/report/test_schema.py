@@ -77,6 +77,7 @@ def test_baseline_paper_yaml_files_are_valid(slug):
     (spec(claims=[{**MINIMAL["claims"][0], "untestable": "timing"}]), "exactly one of check .* or untestable"),
     (spec(claims=[{**MINIMAL["claims"][0], "profiles": ["gpu"]}]), "profiles must be a list out of"),
     (spec(claims=[{**MINIMAL["claims"][0], "protocol": "b2n"}]), "protocol 'b2n' is not one of"),
+    (spec(real_args=["--set", "x=1"]), "real_args must be the extra command-line arguments"),
     (spec(defaults={"coop": {"colour": "x"}}), r"defaults\.coop: unknown key\(s\) \['colour'\]"),
     (spec(deviations=[{"what": "x", "because": "y"}]), r"deviations\[0\] must be a string or"),
 ])
