@@ -22,7 +22,7 @@ STUFF_DESCRIPTORS = {
     "mountain": ("grey rocky peaks", "snow caps"), "rock": ("rough dark stone", "a cave wall"),
     "ground": ("dark earth", "a horizon line"),
 }
-CUPL_FRAMES = ("A {a} {c} has {d}.", "A photo of {a} {c}, which has {d}.", "You can recognise {a} {c} by {d}.",
+CUPL_FRAMES = ("{A} {c} has {d}.", "A photo of {a} {c}, which has {d}.", "You can recognise {a} {c} by {d}.",
                "{A} {c} usually shows {d}.", "In a picture, {a} {c} looks like something with {d}.")
 
 
