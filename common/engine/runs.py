@@ -73,7 +73,10 @@ def record_line(rec: dict[str, Any]) -> str:
 
 
 def print_record(rec: dict[str, Any], existing: bool = False) -> None:
-    """Print a run's metrics (beside any progress bar); `existing`: a finished run that was not rerun."""
+    """Print a run's metrics (beside any progress bar); `existing`: a finished run that was not rerun. Under
+    torchrun rank 0 prints."""
+    if not distributed.is_main():
+        return
     tqdm.write(record_line(rec) + ("  (existing record; --set force=true reruns it)" if existing else ""))
 
 

@@ -32,7 +32,8 @@ def cmd_status(a) -> int:
 
 def cmd_gather(a) -> int:
     """Check that every job of the launch is done, run the launch's command once in this process (every cell has
-    its records, so only the steps outside the cells run: a paper's own figures) and render REPORT.md."""
+    its records, so only the steps outside the cells run: a paper's own figures) and render REPORT.md. With
+    `partial`: only REPORT.md, from the records there are."""
     from .status import format_status, status
     st = status(a.slug, a.launch)
     m = st["manifest"]
@@ -42,7 +43,7 @@ def cmd_gather(a) -> int:
         raise UserError(f"{len(unfinished)} of {len(st['jobs'])} job(s) of launch {st['launch']} are not done "
                         f"(jobs {[j['index'] for j in unfinished][:10]}): wait, or rerun the launch command to resume "
                         f"failed ones; --partial renders the report from the records there are")
-    if not unfinished:
+    if not a.partial:
         import importlib
         print(f"[{a.slug}] all {len(st['jobs'])} job(s) done; running `{m['command']}` in this process for the steps "
               f"outside the cells", file=sys.stderr)
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("gather", help="when every job is done: the steps outside the cells, then REPORT.md")
     g.add_argument("slug")
     g.add_argument("--launch", help="a launch folder name (default: the latest)")
-    g.add_argument("--partial", action="store_true", help="render the report from the records there are, even "
-                                                          "with jobs not done")
+    g.add_argument("--partial", action="store_true", help="only render the report, from the records there are "
+                                                          "(jobs not done allowed)")
     g.add_argument("--out", type=Path, help="write REPORT.md to OUT/<slug>/ (default: beside paper.yaml)")
     u = sub.add_parser("gpu", help="run a command on the GPU of the DVC queue worker running it")
     u.add_argument("--gpus", type=int, default=None, help="GPUs to spread the workers over (default: all visible)")

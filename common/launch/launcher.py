@@ -161,9 +161,9 @@ def launch(slug: str, command: str, cfg: dict, argv: list[str], opts: LaunchOpti
     from .job import CellJob
 
     check_command(command, opts)
-    if opts.launcher == "slurm" and not shutil.which("sbatch"):
-        raise ConfigError("--launcher slurm needs Slurm's sbatch on the PATH (run it on the cluster's login node), "
-                          "or use --launcher submitit-local on this machine")
+    if opts.launcher == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ConfigError("--launcher slurm needs Slurm's sbatch and srun on the PATH (run it on the cluster's login "
+                          "node), or use --launcher submitit-local on this machine")
     grid = grid_of(cfg, unused)
     if not grid:
         raise ConfigError("the config has no grid to split (no datasets x shots x seeds)")

@@ -72,9 +72,28 @@ def _checkpoints_by_cell(slug: str) -> set[tuple]:
     return out
 
 
-def _job_state(launch: Path, job: dict) -> dict:
+SLURM_FAILED = ("BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT")
+
+
+def _slurm_state(launch: Path, job: dict) -> str | None:
+    """Slurm's own state of a job (sacct, through submitit), None off a Slurm cluster."""
+    import shutil
+    if not shutil.which("sacct"):
+        return None
+    import submitit
+    return str(submitit.SlurmJob(launch / "submitit", job["job_id"]).state).split()[0]
+
+
+def _job_state(launch: Path, job: dict, slurm: bool = False) -> dict:
     path = launch / "jobs" / f"{job['index']}.json"
     state = json.loads(path.read_text()) if path.is_file() else {"status": "pending"}
+    if slurm and state["status"] in ("running", "pending", "requeued"):
+        # a job Slurm ended without our handler running (killed, out of memory, time limit without requeue)
+        told = _slurm_state(launch, job)
+        if told in SLURM_FAILED:
+            return {**state, "status": "failed", "error": f"Slurm says {told}"}
+        if told == "RUNNING" and state["status"] == "pending":     # started, state file not written yet
+            state = {**state, "status": "running"}
     if state["status"] in ("running", "requeued"):
         result = _submitit_result(job)
         if result == "error":
@@ -132,7 +151,7 @@ def status(slug: str, launch: str | None = None, cfg_grid: list | None = None, p
     ckpts = _checkpoints_by_cell(slug)
     jobs = []
     for job in manifest["jobs"]:
-        state = _job_state(folder, job)
+        state = _job_state(folder, job, manifest.get("launcher") == "slurm")
         jobs.append({**job, "state": state["status"], "error": state.get("error"), "host": state.get("host"),
                      "seconds": state.get("seconds"), "log_tail": log_tail(job.get("stderr"))
                      if state["status"] == "failed" else ""})

@@ -74,7 +74,8 @@ def test_submitit_local_jobs_write_the_in_process_records(tmp_path, tiny_rn, mon
     assert len(ref) == 16 and set(got) == set(ref)      # 2 variants x (4 few-shot + 2 seeds x 2 DG sets) records
     assert len({m["residual_pct"] for m in ref.values()}) >= 6 and {m["top1"] for m in ref.values()} - {25.0}
     diff = max(abs(got[k][m] - ref[k][m]) for k in ref for m in ref[k])
-    print(f"\nsubmitit local (2 jobs) vs in-process: {len(ref)} records, max |metric diff| = {diff}")
+    with capsys.disabled():
+        print(f"\nsubmitit local (2 jobs) vs in-process: {len(ref)} records, max |metric diff| = {diff}")
     # tolerance: one unit of the records' last decimal (they keep 4). Batched runs equal separate runs up to float
     # rounding (common.engine.batched), which could at most flip that decimal; a top-1 change is a whole image.
     assert diff <= 1e-4
@@ -151,6 +152,8 @@ def test_slurm_launch_writes_the_array_from_options_and_profile(tmp_path, tiny_r
     bin_.mkdir()
     (bin_ / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/sbatch_calls\necho Submitted batch job 4242\n")
     (bin_ / "sbatch").chmod(0o755)
+    (bin_ / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_ / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
     profile = tmp_path / "cluster.yaml"
     profile.write_text("partition: cpu\ncpus_per_job: 4\nmem_gb: 16\naccount: clip\nparallel: 2\n"
@@ -165,6 +168,12 @@ def test_slurm_launch_writes_the_array_from_options_and_profile(tmp_path, tiny_r
                  "#SBATCH --reservation=vlm", "module load cuda"):
         assert line in sbatch, line
     assert status("taskres")["counts"] == {"pending": 4}
+    # Slurm ended job 1 at its time limit before it could requeue: sacct (faked) says so, and status shows it
+    (bin_ / "sacct").write_text("#!/bin/sh\necho 'JobID|State|NodeList'\necho '4242_0|RUNNING|n1'\n"
+                                "echo '4242_1|TIMEOUT|n2'\necho '4242_2|PENDING|'\n")
+    (bin_ / "sacct").chmod(0o755)
+    st = status("taskres")
+    assert [j["state"] for j in st["jobs"]] == ["running", "failed", "pending"] and "TIMEOUT" in st["jobs"][1]["error"]
 
 
 @pytest.mark.parametrize("extra, message", [
