@@ -1,5 +1,6 @@
 """Engine: seeding, feature cache, training loop, evaluation, run records."""
 from .cache import FeatureCache, cache_key, cached_features, encode_items, items_digest
+from . import distributed
 from .evaluate import batched, classification_metrics, cosine_logits
 from .runs import load_records, run_dir, write_record
 from .seed import seed_everything

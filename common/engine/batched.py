@@ -38,6 +38,7 @@ import sys
 
 from ..atomic import atomic_write, write_text_atomic
 from ..errors import ConfigError, TrainingDiverged
+from . import distributed
 from .train import _RESUMED, TrainConfig, index_batches, lr_at, resume_checkpoint
 
 StepFn = Callable[[list], Any]
@@ -214,7 +215,7 @@ class BatchedTrainer:
 
     def _save(self) -> None:
         path = self.checkpoint_path
-        if path is None:
+        if path is None or not distributed.is_main():   # torchrun: rank 0 writes
             return
         state = {"t": self.t, "params": [p.detach().cpu().clone() for p in self.params],
                  "optimizer": self.opt.state_dict(), "history": self.history, "evals": self.evals,
@@ -292,7 +293,7 @@ class BatchedTrainer:
         if self.t >= self.total:
             if eval_fn is not None:
                 self._eval(eval_fn)
-            if self.out_dir is not None:
+            if self.out_dir is not None and distributed.is_main():
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.out_dir / "train_log.json", json.dumps(
                     [{"run": r.label, "epochs": h, "evals": e} for r, h, e in zip(self.runs, self.history, self.evals)],

@@ -3,6 +3,11 @@
 Keyed by (arch, checkpoint hash, dataset, split, transform, view index, the exact item list, and an
 optional `kind` for non-global features), so a new checkpoint or another few-shot sample can never
 read stale features.
+
+Under `torchrun` (common.engine.distributed) a missing entry is computed by every rank together: each encodes
+its share of the items, the rows are gathered in order and rank 0 writes the file. Augmented views draw their
+crops from one seeded random stream over the items, so they are encoded by rank 0 alone (the others wait for
+the entry): splitting them would change the crops.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from ..clip.loader import ClipBundle
 from ..data.images import ImageListDataset, build_transform
 from ..data.registry import Datum
 from ..paths import cache_root
+from . import distributed
 from .seed import seed_everything
 
 
@@ -44,14 +50,23 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.pt"
 
-    def get_or_compute(self, key: str, compute: Callable[[], dict]) -> dict:
+    def get_or_compute(self, key: str, compute: Callable[[], dict], collective: bool = True) -> dict:
+        """The entry `key`, computed and written when missing. Under torchrun rank 0 decides whether it is
+        missing; `compute` runs on every rank (`collective`: it is a data-parallel computation) or on rank 0
+        alone, and rank 0 writes the file."""
         path = self.path(key)
-        if path.is_file():
+        if distributed.agree(path.is_file()):
             self.hits += 1
             return torch.load(path, map_location="cpu", weights_only=True)
         self.misses += 1
-        value = compute()
-        atomic_write(path, lambda tmp: torch.save(value, tmp))
+        if collective or distributed.is_main():
+            value = compute()
+            if distributed.is_main():
+                atomic_write(path, lambda tmp: torch.save(value, tmp))
+        if not collective:
+            distributed.barrier()                     # rank 0 has written the entry
+            if not distributed.is_main():
+                value = torch.load(path, map_location="cpu", weights_only=True)
         return value
 
 
@@ -59,7 +74,12 @@ class FeatureCache:
 def encode_items(bundle: ClipBundle, items: Sequence[Datum], transform, batch_size: int = 256,
                  encode: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "encode",
                  num_workers: int = 0) -> torch.Tensor:
-    """Run the (frozen) image encoder over `items`, batched, with a progress bar."""
+    """Run the (frozen) image encoder over `items`, batched, with a progress bar. Under torchrun (`sharded`)
+    each rank encodes its share of the items and every rank gets all rows, in the order of `items`."""
+    n = len(items)
+    sharded = distributed.active()
+    if sharded:
+        items = distributed.shard(items)
     loader = torch.utils.data.DataLoader(ImageListDataset(items, transform), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
     encode = encode or bundle.model.encode_image
@@ -67,7 +87,18 @@ def encode_items(bundle: ClipBundle, items: Sequence[Datum], transform, batch_si
     out = []
     for images, _, _ in tqdm(loader, desc=desc, leave=False, disable=len(items) < 2 * batch_size):
         out.append(encode(images.to(bundle.device)).float().cpu())
+    if sharded:
+        width = out[0].shape[1:] if out else _width(bundle, encode)
+        local = torch.cat(out) if out else torch.empty((0, *width))
+        return distributed.gather_rows(local, n) if n else torch.empty(0)
     return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def _width(bundle: ClipBundle, encode) -> tuple:
+    """Feature shape of one image (a rank with no items still takes part in the gather)."""
+    x = torch.zeros(1, 3, bundle.image_size, bundle.image_size, device=bundle.device)
+    return tuple(encode(x).shape[1:])
 
 
 def cached_features(bundle: ClipBundle, dataset_name: str, split: str, items: Sequence[Datum],
@@ -84,14 +115,18 @@ def cached_features(bundle: ClipBundle, dataset_name: str, split: str, items: Se
                     transform=transform, view=view, kind=kind, items=items_digest(items),
                     image_size=bundle.image_size)
 
+    augmented = transform != "test"
+
     def compute() -> dict:
-        if transform != "test":
+        if augmented:
             seed_everything(1000 + view, deterministic=False)
         tf = build_transform(transform, bundle.image_size, *_mean_std(bundle))
-        feats = encode_items(bundle, items, tf, batch_size, encode, desc=f"{dataset_name}/{split}/{kind}/v{view}")
+        with distributed.alone(augmented):
+            feats = encode_items(bundle, items, tf, batch_size, encode,
+                                 desc=f"{dataset_name}/{split}/{kind}/v{view}")
         return {"features": feats, "labels": torch.tensor([d.label for d in items], dtype=torch.long)}
 
-    return cache.get_or_compute(key, compute)
+    return cache.get_or_compute(key, compute, collective=not augmented)
 
 
 def _mean_std(bundle: ClipBundle):

@@ -2,6 +2,9 @@
 domain generalisation. A method plugs in one function; the protocol builds the data, loops over
 datasets x shots x seeds with a progress bar, skips runs whose record already exists (so an
 interrupted `reproduce` continues where it stopped), and writes one run record per result.
+
+A job of a launch (`common.launch`, `common.engine.cells`) runs only the cells (dataset or source, shots, seed)
+its shard owns; under torchrun (`common.engine.distributed`) rank 0 says which runs are done and writes.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from .. import metrics
 from ..clip.loader import ClipBundle, load_clip
 from ..data import Dataset, build_dataset, fewshot_split, subsample_classes
 from ..paths import runs_root
+from . import distributed
 from .cache import cached_features
+from .cells import owns
 from .runs import print_record, run_dir, write_record
 from .seed import seed_everything
 from .train import take_resumed_seconds
@@ -110,7 +115,7 @@ def _exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=
     """Whether the run's record exists (and `force` is off); an existing record's metrics are printed."""
     path = run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant, source) \
         / "metrics.json"
-    if cfg.get("force", False) or not path.is_file():
+    if cfg.get("force", False) or not distributed.agree(path.is_file()):
         return False
     print_record(json.loads(path.read_text()), existing=True)
     return True
@@ -127,7 +132,7 @@ def _finish(rec: dict, out_dir) -> dict:
     interruption, and a stale one must never be 'resumed' by a later run with changed code."""
     write_record(rec)
     print_record(rec)
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():
         ckpt = Path(out_dir) / "checkpoint.pt"
         ckpt.unlink(missing_ok=True)
     return rec
@@ -162,7 +167,8 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
     """K-shot training on each dataset's train split, top-1 on its full test split. A :class:`BatchedFit`
     trains the pending runs of each dataset (shot counts x seeds) as one batched model."""
     datasets = datasets or cfg["datasets"]
-    jobs = [(d, k, s) for d in datasets for k in (shots or cfg["shots"]) for s in (seeds or cfg["seeds"])]
+    jobs = [(d, k, s) for d in datasets for k in (shots or cfg["shots"]) for s in (seeds or cfg["seeds"])
+            if owns(d, k, s)]
     bundle = bundle_for(cfg)
     if isinstance(fit_eval, BatchedFit):
         return _fewshot_batched(cfg, paper, method, fit_eval, variant, jobs, bundle, tags)
@@ -227,7 +233,8 @@ def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any
     bundle = bundle_for(cfg)
     out = []
     for name in tqdm(datasets, desc=f"{paper}/{method} base2novel"):
-        todo = [s for s in (seeds or cfg["seeds"]) if not _exists(cfg, paper, "base2novel", name, method, shots, s, variant)]
+        todo = [s for s in (seeds or cfg["seeds"])
+                if owns(name, shots, s) and not _exists(cfg, paper, "base2novel", name, method, shots, s, variant)]
         if not todo:
             continue
         t0, _ = time.time(), take_resumed_seconds()
@@ -262,8 +269,8 @@ def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callabl
         raise ValueError(f"run_transfer protocol must be cross_dataset or domain_generalization, got {protocol!r}")
     bundle = bundle_for(cfg)
     names = [source] + [t for t in targets if t != source]
-    todo = [s for s in (seeds or cfg["seeds"])
-            if not all(_exists(cfg, paper, protocol, t, method, shots, s, variant, source) for t in names)]
+    todo = [s for s in (seeds or cfg["seeds"]) if owns(source, shots, s)
+            and not all(_exists(cfg, paper, protocol, t, method, shots, s, variant, source) for t in names)]
     if not todo:
         return []
     t0, _ = time.time(), take_resumed_seconds()

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 REQUIRED_KEYS = ("paper", "method", "profile", "protocol", "dataset", "backbone", "seed", "metrics")
 from ..atomic import write_text_atomic
 from ..paths import runs_root
+from . import distributed
 
 
 def run_dir(paper: str, protocol: str, profile: str, dataset: str, backbone: str, method: str,
@@ -46,7 +47,8 @@ def run_dir(paper: str, protocol: str, profile: str, dataset: str, backbone: str
 
 
 def write_record(record: dict[str, Any], root: Path | str | None = None) -> Path:
-    """Validate and write a run record to its canonical ``metrics.json``; returns the path."""
+    """Validate and write a run record to its canonical ``metrics.json``; returns the path. Under torchrun only
+    rank 0 writes (every rank computed the same record)."""
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ValueError(f"run record lacks keys {missing}; required: {list(REQUIRED_KEYS)}")
@@ -55,6 +57,8 @@ def write_record(record: dict[str, Any], root: Path | str | None = None) -> Path
     rec = {"variant": "", "source": record["dataset"], "shots": None, **record}
     path = run_dir(rec["paper"], rec["protocol"], rec["profile"], rec["dataset"], rec["backbone"],
                    rec["method"], rec["shots"], rec["seed"], rec["variant"], rec["source"], root) / "metrics.json"
+    if not distributed.is_main():
+        return path
     return write_text_atomic(path, json.dumps(rec, indent=1, sort_keys=True, default=str))
 
 
@@ -69,7 +73,10 @@ def record_line(rec: dict[str, Any]) -> str:
 
 
 def print_record(rec: dict[str, Any], existing: bool = False) -> None:
-    """Print a run's metrics (beside any progress bar); `existing`: a finished run that was not rerun."""
+    """Print a run's metrics (beside any progress bar); `existing`: a finished run that was not rerun. Under
+    torchrun rank 0 prints."""
+    if not distributed.is_main():
+        return
     tqdm.write(record_line(rec) + ("  (existing record; --set force=true reruns it)" if existing else ""))
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write, write_text_atomic
 from ..errors import ConfigError, TrainingDiverged
+from . import distributed
 from .seed import rng_state, seed_everything, set_rng_state
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -45,11 +46,12 @@ def restarting(enabled: bool = True):
 
 def resume_checkpoint(path: Path | None, desc: str) -> dict | None:
     """The resume checkpoint at `path`, or None when there is none or `--set force=true` (`restarting()`)
-    discards it (said on stderr): the single-run and the batched trainers resume through this."""
-    if path is None or not path.is_file():
+    discards it (said on stderr): the single-run and the batched trainers resume through this. Under torchrun
+    whether there is one is rank 0's answer."""
+    if path is None or not distributed.agree(path.is_file()):
         return None
     if _RESTART.get():
-        path.unlink()
+        path.unlink(missing_ok=True)     # torchrun: every rank discards it
         tqdm.write(f"{desc}: force=true, so {path} was discarded and training starts from scratch", file=sys.stderr)
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -167,7 +169,7 @@ class Trainer:
         return self.out_dir / "checkpoint.pt" if self.out_dir is not None else None
 
     def _save(self, epoch: int) -> None:
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or not distributed.is_main():   # torchrun: rank 0 writes
             return
         state = {"epoch": epoch, "module": trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state(),
@@ -259,7 +261,7 @@ class Trainer:
             if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs:
                 self._save(epoch)
             self.start_epoch = epoch + 1
-        if self.out_dir is not None:
+        if self.out_dir is not None and distributed.is_main():
             write_text_atomic(self.out_dir / "train_log.json", json.dumps(self.history, indent=1))
         self.module.eval()
         return self.history

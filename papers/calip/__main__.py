@@ -18,6 +18,7 @@ from common.clip import logit_scale, zeroshot_classifier
 from common.data import build_dataset, sample_per_class
 from common.engine import classification_metrics, run_dir, write_record
 from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense, train_pool
+from common.engine.cells import owns
 from common.engine.protocols import Task, bundle_for, run_fewshot
 from papers.zeroshot_clip.method import templates_for
 
@@ -128,6 +129,8 @@ def zeroshot_dataset(cfg, name: str, variants: list[str]) -> dict[str, tuple[flo
 def evaluate(cfg: dict) -> None:
     """zero-shot CALIP on every dataset (all variants) and the domain-generalisation rows"""
     for name in cfg["datasets"]:
+        if not owns(name, None, 0):   # a job of a launch: another job's cell
+            continue
         if all(_done(cfg, "zeroshot", name, v) for v in cfg["zeroshot_variants"]
                if v != "paper" or name in (cfg.get("paper_betas") or {})):
             continue
@@ -138,7 +141,7 @@ def evaluate(cfg: dict) -> None:
 def domain_generalization(cfg: dict) -> None:
     """CALIP with the source's val-searched weights on the source and each shifted target (no target labels used)."""
     source, targets = cfg["dg_source"], [t for t in cfg["dg_targets"] if t != cfg["dg_source"]]
-    if not targets or all(_done(cfg, "domain_generalization", t, "val", source) for t in [source] + targets):
+    if not targets or not owns(source, None, 0) or all(_done(cfg, "domain_generalization", t, "val", source) for t in [source] + targets):
         return
     t0 = time.time()
     rec = run_dir(SLUG, "zeroshot", cfg["profile"], source, cfg["arch"], SLUG, None, 0, "val") / "metrics.json"

@@ -24,6 +24,7 @@ from common.errors import ConfigError
 from common.clip import logit_scale, zeroshot_classifier
 from common.data import Dataset, build_dataset, fewshot_split
 from common.engine import TrainConfig, Trainer, index_batches, run_dir, seed_everything, write_record
+from common.engine.cells import owns
 from common.engine.protocols import Task, bundle_for, checkpoint_dir
 from common.engine.threads import threaded
 from common.paths import runs_root
@@ -203,7 +204,8 @@ def run_taxonomic(cfg: dict, methods: list[tuple[str, str, float, float]] | None
     shifted domains (finished runs are skipped)."""
     methods = methods if methods is not None else methods_of(cfg)
     bundle = bundle_for(cfg)
-    jobs = [(d, m, k, s) for d in datasets_of(cfg) for m in methods for k in cfg["shots"] for s in cfg["seeds"]]
+    jobs = [(d, m, k, s) for d in datasets_of(cfg) for m in methods for k in cfg["shots"] for s in cfg["seeds"]
+            if owns(d, k, s)]   # a job of a launch runs its own cells
     out, trees = [], Trees(cfg)
     for name, (method, variant, lam, p), k, seed in tqdm(jobs, desc=f"{SLUG} {PROTOCOL}"):
         dcfg = dataset_config(cfg, name)
@@ -234,6 +236,8 @@ def run_zeroshot(cfg: dict) -> list[dict]:
     bundle = bundle_for(cfg)
     out, trees = [], Trees(cfg)
     for name in datasets_of(cfg):
+        if not owns(name, None, 0):   # a job of a launch: another job's cell
+            continue
         dcfg = dataset_config(cfg, name)
         for d in [name] + targets_of(dcfg, name):
             if _done(dcfg, *ZEROSHOT, d, None, 0, name):

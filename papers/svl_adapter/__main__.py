@@ -18,6 +18,7 @@ from common.clip import logit_scale
 from common.data import Dataset, build_dataset
 from common.engine.cache import cache_key, items_digest
 from common.engine.evaluate import classification_metrics
+from common.engine.cells import owns, owns_dataset
 from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_fewshot
 from common.engine.runs import run_dir, write_record
 from common.engine.seed import seed_everything
@@ -131,6 +132,8 @@ def train(cfg: dict) -> list[str]:
     _check(cfg)
     done = []
     for name in cfg["datasets"]:
+        if not owns_dataset(name):   # a job of a launch pretrains the encoders of its own datasets
+            continue
         full = build_dataset(name, cfg["data_root"])
         for split in ("train", "val", "test"):
             _ssl_feats(cfg, name, split, full.split(split))
@@ -156,6 +159,8 @@ def pseudo_label_runs(cfg: dict) -> list[dict]:
     out = []
     for name in cfg["datasets"]:
         for seed in cfg["seeds"]:
+            if not owns(name, None, seed):
+                continue
             rd = run_dir(SLUG, "zeroshot", cfg["profile"], name, cfg["arch"], SLUG, None, seed, "pseudo")
             if (rd / "metrics.json").is_file() and not cfg.get("force", False):
                 continue

@@ -16,6 +16,7 @@ import torch
 
 from common.cli import inputs, run_cli
 from common.data import build_dataset, fewshot_split
+from common.engine import distributed
 from common.engine.evaluate import classification_metrics
 from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_transfer, sweep_tags
 from common.engine.runs import load_records
@@ -80,16 +81,17 @@ def _set_alpha(state: dict, alpha: float) -> torch.nn.Module:
 
 
 def _test_images(cfg: dict, task: Task) -> torch.Tensor | torch.utils.data.DataLoader:
+    """The test images (under torchrun: this rank's share, `distributed.shard`)."""
     b = task.bundle
     tf = build_transform("test", b.image_size, *mean_std(b))
     items = task.dataset.test
     if not cfg["eval_preload"]:  # real sets: stream from disk at every alpha
         from common.data import ImageListDataset
-        return torch.utils.data.DataLoader(ImageListDataset(items, tf), batch_size=cfg["eval_batch_size"],
-                                           num_workers=cfg["e2e"]["num_workers"])
-    key = (task.dataset.name, b.image_size, len(items), items[0].impath if items else "")
+        return torch.utils.data.DataLoader(ImageListDataset(distributed.shard(items), tf),
+                                           batch_size=cfg["eval_batch_size"], num_workers=cfg["e2e"]["num_workers"])
+    key = (task.dataset.name, b.image_size, len(items), items[0].impath if items else "", distributed.rank())
     if key not in _EVAL_IMAGES:
-        _EVAL_IMAGES[key] = load_images(items, tf, cfg["eval_batch_size"])
+        _EVAL_IMAGES[key] = load_images(distributed.shard(items), tf, cfg["eval_batch_size"])
     return _EVAL_IMAGES[key]
 
 
@@ -97,8 +99,9 @@ def evaluate(cfg: dict, kind: str, alpha: float, state: dict, task: Task) -> dic
     """Top-1 of theta(alpha) on the task's test split (logits projected onto its classes if a subset)."""
     module = _set_alpha(state, alpha)
     labels = torch.tensor([d.label for d in task.dataset.test], dtype=torch.long)
-    if kind == "e2e":
-        logits = predict(module, _test_images(cfg, task), cfg["eval_batch_size"], task.bundle.device)
+    if kind == "e2e":   # under torchrun each rank scores its share of the test set and the logits are gathered
+        local = predict(module, _test_images(cfg, task), cfg["eval_batch_size"], task.bundle.device)
+        logits = distributed.gather_rows(local.reshape(-1, len(state["classnames"])), len(labels))
     else:
         with torch.no_grad():
             logits = module(task.features("test")["features"].to(task.bundle.device)).cpu()

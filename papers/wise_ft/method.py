@@ -10,6 +10,12 @@ Two fine-tuning variants (official `--freeze-encoder` flag):
 - end-to-end (E2E): image tower + head trained from theta_0;
 - linear classifier (LC): tower frozen, head trained on cached features. The tower is shared, so the
   weight ensemble equals the logit ensemble (1 - alpha) f(x; theta_0) + alpha f(x; theta_1).
+
+End-to-end fine-tuning runs data-parallel under torchrun (common.engine.distributed): every step's batch of
+the single-process schedule is split across ranks, DDP averages the gradients and each rank's loss is weighted
+so the average is the whole batch's mean. Each training image's augmentation is drawn from a generator seeded by
+(seed, epoch, image index), so a crop does not depend on which process, worker or batch position decodes it:
+the weights are the single-process ones up to float rounding.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from torchvision import transforms as T
 from common.clip import ClipBundle, logit_scale, zeroshot_classifier
 from common.data import Datum, ImageListDataset
 from common.data.images import OPENAI_MEAN, OPENAI_STD
-from common.engine import TrainConfig, Trainer, index_batches
+from common.engine import TrainConfig, Trainer, distributed, index_batches
+from common.errors import ConfigError
 
 ALPHA_DECIMALS = 6
 
@@ -145,14 +152,29 @@ def train_transform(image_size: int, mean, std, scale=(0.9, 1.0)) -> T.Compose:
                       T.ToTensor(), T.Normalize(mean, std)])
 
 
+class SeededImages(ImageListDataset):
+    """Images whose random augmentation is a function of (seed, epoch, index): the transform of image i runs
+    under a generator state seeded by them (the process's own random state is left untouched)."""
+
+    def __init__(self, items, transform, seed: int):
+        super().__init__(items, transform)
+        self.seed, self.epoch = seed, 0
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
+            return super().__getitem__(i)
+
+
 class EpochImages:
     """Index batches for the Trainer (a pure function of seed and epoch, so resume is exact) and a
-    DataLoader that decodes and augments exactly those batches, in workers if asked."""
+    DataLoader that decodes and augments exactly those batches (under torchrun: this rank's share of each),
+    in workers if asked."""
 
     def __init__(self, items: Sequence[Datum], transform, batch_size: int, seed: int, num_workers: int = 0):
         if not items:
             raise ValueError("no training images")
-        self.dataset = ImageListDataset(items, transform)
+        self.dataset = SeededImages(items, transform, seed)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self._it = None
 
@@ -164,13 +186,15 @@ class EpochImages:
 
     def batches(self, epoch: int) -> list[torch.Tensor]:
         idx = index_batches(len(self.dataset), self.batch_size, self.seed, epoch)
-        self._it = iter(DataLoader(self.dataset, batch_sampler=[b.tolist() for b in idx],
+        self.dataset.epoch = epoch
+        self._it = iter(DataLoader(self.dataset, batch_sampler=[distributed.shard(b).tolist() for b in idx],
                                    num_workers=self.num_workers))
         return idx
 
     def load(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's images and labels of the batch `idx` (all of them in a single process)."""
         images, labels, ids = next(self._it)
-        if not torch.equal(ids, idx):
+        if not torch.equal(ids, distributed.shard(idx)):
             raise RuntimeError("image loader out of step with the trainer's batches")
         return images, labels
 
@@ -201,22 +225,35 @@ def train_config(opts: dict, steps_per_epoch: int, seed: int) -> TrainConfig:
                        amp=bool(opts.get("amp", False)), seed=seed)
 
 
+def batch_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int,
+               smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of this process's `images` of a `batch`-image step: their summed loss weighted so that the
+    gradient (DDP's average over ranks under torchrun) is that of the whole batch's mean loss."""
+    loss = F.cross_entropy(net(images), labels, label_smoothing=smoothing, reduction="sum")
+    return loss * distributed.loss_weight(len(labels), batch)
+
+
 def finetune_end_to_end(theta0_model: ImageClassifier, items: Sequence[Datum], opts: dict, image_size: int,
                         mean, std, seed: int, out_dir=None, desc: str = "wise_ft e2e") -> ImageClassifier:
     """Standard fine-tuning of tower + head from theta_0 with cross-entropy (optional label smoothing).
-    Returns a new model; `theta0_model` is not modified."""
+    Returns a new model; `theta0_model` is not modified. Under torchrun: data parallel (module docstring)."""
     model = copy.deepcopy(theta0_model)
     for p in model.parameters():
         p.requires_grad_(True)
     device = next(model.parameters()).device
+    batch = int(opts["batch_size"])
+    if batch < distributed.world_size():
+        raise ConfigError(f"e2e.batch_size {batch} is smaller than the {distributed.world_size()} data-parallel "
+                          f"processes: give every process at least one image per step")
     data = EpochImages(items, train_transform(image_size, mean, std, opts.get("crop_scale", (0.9, 1.0))),
-                       int(opts["batch_size"]), seed, int(opts.get("num_workers", 0)))
+                       batch, seed, int(opts.get("num_workers", 0)))
     cfg = train_config(opts, data.steps_per_epoch(), seed)
     smoothing = float(opts.get("label_smoothing", 0.0))
+    net = distributed.wrap(model)      # DDP under torchrun, else the model itself
 
     def step(idx):
         images, labels = data.load(idx)
-        return F.cross_entropy(model(images.to(device)), labels.to(device), label_smoothing=smoothing)
+        return batch_loss(net, images.to(device), labels.to(device), len(idx), smoothing)
 
     Trainer(model, cfg, out_dir, desc=desc).fit(step, data.batches)
     for p in model.parameters():
@@ -248,6 +285,6 @@ def finetune_linear(head0: ClassificationHead, features: torch.Tensor, labels: t
     return head.eval()
 
 
-__all__ = ["ClassificationHead", "ImageClassifier", "alpha_grid", "alpha_name", "class_projection",
+__all__ = ["ClassificationHead", "ImageClassifier", "alpha_grid", "alpha_name", "batch_loss", "class_projection",
            "finetune_end_to_end", "finetune_linear", "interpolate", "load_images",
            "mean_std", "predict", "state_of", "train_config", "train_transform", "zeroshot_head", "zeroshot_model"]

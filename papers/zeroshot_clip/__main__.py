@@ -5,6 +5,7 @@ from pathlib import Path
 
 from common.cli import inputs, run_cli
 from common.data import build_dataset
+from common.engine.cells import owns
 from common.engine.protocols import Task, bundle_for, eval_classifier, run_base2novel, run_transfer
 from common.engine.runs import write_record
 
@@ -30,6 +31,8 @@ def evaluate(cfg: dict) -> list[dict]:
     records = []
     names = list(dict.fromkeys(cfg["datasets"] + [cfg["dg_source"]] + cfg["dg_targets"]))
     for name in names:
+        if not owns(name, None, 0):   # a job of a launch: another job's cell
+            continue
         ds = build_dataset(name, cfg["data_root"])
         task = Task(cfg, bundle, ds, None, 0, None)
         for variant in cfg["variants"]:
