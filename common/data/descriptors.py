@@ -265,6 +265,9 @@ def run_class_texts(cfg: Mapping, kind: str, names: Sequence[str], allow_empty: 
     file lists "background"), reported in `ClassTexts.unused`."""
     from ..errors import DataError, UserError, one_line
     from .registry import build_dataset
+    if not str(cfg.get("descriptors", "auto")).strip():   # the real profile ships it empty: a file the user supplies
+        raise DataError(f"descriptors: the {cfg.get('profile', 'real')} profile needs the authors' {kind} files: "
+                        f"--set descriptors=/path/to/folder (from {WHERE[kind]}) or =/path/to/file.json")
     out, problems = {}, []
     aliases = cfg.get("aliases") or {}
     if not isinstance(aliases, Mapping) or not all(isinstance(v, Mapping) for v in aliases.values()):

@@ -134,9 +134,6 @@ def reproduce(cfg: dict) -> None:
 
 def validate(cfg: dict) -> list[str]:
     out = backbone_problems(cfg)
-    if not str(cfg["descriptors"]).strip():
-        out.append(f"descriptors: the {cfg['profile']} profile needs the authors' {KIND} files: --set descriptors="
-                   f"/path/to/folder (from {WHERE[KIND]}) or =/path/to/file.json")
     bad = [v for v in cfg["variants"] if v not in BASE_VARIANTS]
     if bad:
         out.append(f"variants: unknown {bad}; known: {', '.join(BASE_VARIANTS)} (n<k> comes from sentence_counts)")

@@ -220,9 +220,6 @@ def plot(cfg: dict) -> list[Path]:
 
 def validate(cfg: dict) -> list[str]:
     out = backbone_problems(cfg)
-    if not str(cfg["descriptors"]).strip():
-        out.append(f"descriptors: the {cfg['profile']} profile needs the authors' {KIND} files: --set descriptors="
-                   f"/path/to/folder (from {WHERE[KIND]}) or =/path/to/file.json")
     bad = [v for v in list(cfg["variants"]) + list(cfg["dg_variants"]) if v not in VARIANTS]
     if bad:
         out.append(f"variants / dg_variants: unknown {sorted(set(bad))}; known: {', '.join(VARIANTS)}")

@@ -129,10 +129,12 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, tiny_rn, capsys):
     assert "does not use 'shots'" in capsys.readouterr().err
 
 
-def test_real_profile_needs_the_authors_files(capsys):
+def test_real_profile_needs_the_authors_files(capsys, tmp_path):
+    from tests.fixtures.real_layouts import make_dtd
+    root = make_dtd(tmp_path / "DATA")   # data and weights found: the missing descriptor files are the problem
     with pytest.raises(SystemExit) as e:
         cupl.main(["eval", "--profile", "real", "--set", "pretrained=random", "--set", "arch=tiny-rn",
-                   "--set", "datasets=[dtd]", "--set", "data_root=/nonexistent"])
+                   "--set", "datasets=[dtd]", "--set", f"data_root={root}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "needs the authors' cupl files: --set descriptors=" in err
 
