@@ -213,7 +213,7 @@ class _Grid:
             return None
         sels = list(dict.fromkeys(claim.check.selections))
         _check_shots(sels, series)
-        seeded = {s: any(k is not None for k in series[s].shots()) for s in sels}
+        seeded = {s: series[s].seeded() for s in sels}
 
         # near chance: zero-shot of the term's backbone below NEAR_CHANCE x chance on a dataset
         def near(s: Selection, d: str) -> bool:
