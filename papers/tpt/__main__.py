@@ -191,24 +191,32 @@ def run_set(cfg: dict, name: str, coop: dict[int, PromptLearner]) -> list[dict]:
     if not todo:
         return out
     images = load_uint8(items)
-    mean, std = _mean_std(bundle)
-    chunks = size_chunks(images, int(cfg["chunk"]))
     for s, seed_runs in todo.items():
         t0 = time.time()
         draws = draw_views(len(ds.test), int(cfg["n_views"]) - 1, view_seed(s, name)).take(torch.tensor(idx))
-        logits: list[list[torch.Tensor]] = [[] for _ in seed_runs]
-        for ch in tqdm(chunks, desc=f"tpt {cfg['arch']} {name} seed {s}", leave=False):
-            feats = view_features(bundle.model, [images[i] for i in ch], draws.take(torch.tensor(ch)), feats0[ch],
-                                  bundle.image_size, group_of(cfg, name) == "cross_dataset", mean, std,
-                                  int(cfg["encode_batch"]))
-            for j, (_, _, _, _, learner_of, st) in enumerate(seed_runs):
-                learner = learner_of(s)
-                hp = {k: v for k, v in st.items() if k != "n_views"}
-                logits[j].append(tpt_predict(learner, learner.ctx, feats[:, :st["n_views"]], scale, **hp))
+        logits = tpt_on_images(cfg, bundle, images, draws, feats0, group_of(cfg, name) == "cross_dataset",
+                               [(learner_of(s), st) for *_, learner_of, st in seed_runs],
+                               desc=f"tpt {cfg['arch']} {name} seed {s}")
         wall = (time.time() - t0) / len(seed_runs)       # the seed's time, shared by the runs its views served
         for (method, variant, src, k, _, _), lg in zip(seed_runs, logits):
-            out.append(_write(cfg, method, variant, name, src, k, s, torch.cat(lg), labels, wall, ds, len(items)))
+            out.append(_write(cfg, method, variant, name, src, k, s, lg, labels, wall, ds, len(items)))
     return out
+
+
+def tpt_on_images(cfg: dict, bundle, images, draws, feats0: torch.Tensor, augmix: bool,
+                  runs: list[tuple[PromptLearner, dict]], desc: str = "") -> list[torch.Tensor]:
+    """(n, K) view-0 logits of each TPT run (learner, `settings`) on the images: the views of each chunk of
+    images are rendered and encoded once, as one batch, and serve every run (fewer views = the first n)."""
+    mean, std = _mean_std(bundle)
+    scale = logit_scale(bundle)
+    out: list[list[torch.Tensor]] = [[] for _ in runs]
+    for ch in tqdm(size_chunks(images, int(cfg["chunk"])), desc=desc, leave=False, disable=not desc):
+        feats = view_features(bundle.model, [images[i] for i in ch], draws.take(torch.tensor(ch)), feats0[ch],
+                              bundle.image_size, augmix, mean, std, int(cfg["encode_batch"]))
+        for j, (learner, st) in enumerate(runs):
+            hp = {k: v for k, v in st.items() if k != "n_views"}
+            out[j].append(tpt_predict(learner, learner.ctx, feats[:, :st["n_views"]], scale, **hp))
+    return [torch.cat(o) for o in out]
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -263,16 +271,12 @@ def benchmark(cfg: dict) -> list[dict]:
             learner = PromptLearner(bundle, ds.classnames, ctx_init=cfg["ctx_init"])
             augmix = group_of(cfg, name) == "cross_dataset"
             hp = {k: v for k, v in settings(cfg).items() if k != "n_views"}
-            scale = logit_scale(bundle)
             with torch_threads(cfg["threads"]):
                 t0 = time.perf_counter()
-                batched = torch.cat([tpt_predict(learner, learner.ctx, view_features(
-                    bundle.model, [images[i] for i in ch], draws.take(torch.tensor(ch)), feats0[ch], bundle.image_size,
-                    augmix, mean, std, int(cfg["encode_batch"])), scale, **hp)
-                    for ch in size_chunks(images, int(cfg["chunk"]))])
+                batched = tpt_on_images(cfg, bundle, images, draws, feats0, augmix, [(learner, settings(cfg))])[0]
                 t1 = time.perf_counter()
                 loop = tpt_loop(learner, learner.ctx, bundle.model, feats0, images, draws, bundle.image_size, augmix,
-                                mean, std, scale, **hp)
+                                mean, std, logit_scale(bundle), **hp)
                 t2 = time.perf_counter()
             n = len(images)
             row = {"backbone": bcfg["arch"], "dataset": name, "augmix": augmix, "images": n,

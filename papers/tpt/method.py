@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,7 +119,6 @@ def encode_views(model: torch.nn.Module, views: torch.Tensor, batch_size: int = 
 
 def load_uint8(items) -> list[torch.Tensor]:
     """The images of `items` as uint8 tensors (C, H, W), decoded once."""
-    import numpy as np
     return [torch.from_numpy(np.asarray(load_image(d.impath), dtype=np.uint8).copy()).permute(2, 0, 1)
             for d in items]
 
