@@ -15,7 +15,7 @@ Dirichlet(1,1,1) chain weights, a Beta(1,1) mix with the cropped view). It runs 
   tensors), rounded to uint8 as PIL's crop is; the AugMix ops run on uint8 tensors grouped by op, with the
   official magnitudes (severity 1) and PIL's semantics (autocontrast, posterize and solarize as PIL's lookup
   tables, torchvision's PIL-matching equalize, the affine ops as `grid_sample` of PIL's output->input map);
-  they equal PIL's ops pixel for pixel (tests/papers/test_tpt.py).
+  they equal PIL's ops pixel for pixel, the affine ones up to a rare pixel one level off (tests/papers/test_tpt.py).
 """
 from __future__ import annotations
 
