@@ -26,7 +26,8 @@ from typing import Any, Sequence
 from common.engine.runs import load_records
 
 from . import figures
-from .records import PROTOCOLS, _shot_key, aggregate, dedupe, field_value, harmonic, metric_of, seed_std
+from .records import (PROTOCOLS, _shot_key, aggregate, dedupe, field_value, harmonic, is_seeded, metric_of,
+                      seed_std)
 from .render import EMBEDDED_CAVEAT
 from .tables import TRANSFER, fmt_pm, md_table, metric_title, metrics_for
 
@@ -53,7 +54,7 @@ class Entry:
 @dataclass
 class Runs:
     """One entry's runs: (dataset, shots column) -> {seed: [metrics]}. ``seeded`` is False for runs without
-    training shots, whose seed is arbitrary: they match any seed of the grid."""
+    training shots and one seed per cell, whose seed is arbitrary: they match any seed of the grid."""
     cells: dict[tuple, dict[Any, list]]
     seeded: bool
 
@@ -69,6 +70,8 @@ def _cells(records: Sequence[dict], protocol: str, metric: str) -> dict[Entry, R
         runs = out.setdefault(e, Runs({}, shots is not None))
         col = shots if protocol == "fewshot" else None
         runs.cells.setdefault((r["dataset"], col), {}).setdefault(int(r["seed"]), []).append(r["metrics"])
+    for runs in out.values():   # a training-free method that ran several seeds (its own randomness) is seeded too
+        runs.seeded = is_seeded([None], runs.cells.values()) or runs.seeded
     return out
 
 

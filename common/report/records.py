@@ -153,6 +153,10 @@ class Series:
     def shots(self) -> list:
         return sorted({k for k, _ in self.cells}, key=_shot_key)
 
+    def seeded(self) -> bool:
+        """Whether the series' seeds are repetitions (see `is_seeded`)."""
+        return is_seeded(self.shots(), self.cells.values())
+
     def _k(self, shots: Any) -> Any:
         if shots is _ONLY:
             ks = self.shots()
@@ -189,6 +193,13 @@ class Series:
 
     def label(self) -> str:
         return f"{self.metric}({fmt_filters(self.filters)})"
+
+
+def is_seeded(shots: Iterable, cells: Iterable[dict]) -> bool:
+    """Whether runs' seeds are repetitions to average and resample: they trained on shots, or a cell holds
+    several seeds (a training-free method with its own randomness, e.g. TPT's augmented views). The single
+    seed of a deterministic run without shots is arbitrary: it matches any seed of the grid."""
+    return any(k is not None for k in shots) or any(len(c) > 1 for c in cells)
 
 
 def _shot_key(k: Any) -> tuple:

@@ -213,7 +213,7 @@ class _Grid:
             return None
         sels = list(dict.fromkeys(claim.check.selections))
         _check_shots(sels, series)
-        seeded = {s: _replicated(series[s]) for s in sels}
+        seeded = {s: series[s].seeded() for s in sels}
 
         # near chance: zero-shot of the term's backbone below NEAR_CHANCE x chance on a dataset
         def near(s: Selection, d: str) -> bool:
@@ -343,13 +343,6 @@ def _is_hm(s: Series) -> bool:
 def _harmonic(a, b):
     a, b = np.asarray(a, float), np.asarray(b, float)
     return np.where(a + b == 0, 0.0, 2 * a * b / np.where(a + b == 0, 1.0, a + b))
-
-
-def _replicated(s: Series) -> bool:
-    """Whether a term's records are replicates to resample: trained runs (a shot count), or any series with several
-    seeds in a cell (a deterministic method evaluated on seeded folds of its test set, a seeded pseudo-labelling run
-    without shots). A single record per cell is one deterministic run."""
-    return any(k is not None for k in s.shots()) or any(len(c) > 1 for c in s.cells.values())
 
 
 def _shots_of(s: Series) -> list:

@@ -53,6 +53,17 @@ def test_two_methods_share_their_common_seeds(tmp_path):
     assert "seeds 1, 2." in text and "Not listed" not in text
 
 
+def test_a_training_free_method_with_several_seeds_is_seeded(tmp_path):
+    # no shots but one run per seed (random test-time augmentations): matched seed by seed, std over seeds
+    for s, v in zip((1, 2, 3), (50.0, 52.0, 54.0)):
+        rec(tmp_path, "tpt", "a", {"top1": v}, protocol="test_time", seed=s)
+        rec(tmp_path, "coop", "a", {"top1": 40.0 + s}, protocol="test_time", shots=16, seed=s, source="b")
+    rec(tmp_path, "zeroshot_clip", "a", {"top1": 45.0}, protocol="test_time", seed=0)
+    text, m = build(tmp_path)
+    assert m["test_time/tiny-rn/tpt/avg"] == 52.0 and m["test_time/tiny-rn/zeroshot_clip/avg"] == 45.0
+    assert "| tpt | 52.00 ± 2.00 |" in text
+
+
 def test_files_for_dvc_and_determinism(tmp_path):
     runs = world(tmp_path / "runs")
     p1 = write_leaderboard(runs, tmp_path / "a")

@@ -119,6 +119,23 @@ def test_replicates_without_shots_are_resampled(tmp_path):
     assert v.status == REPRODUCED and v.noise.stability == "stable"
 
 
+def test_a_training_free_term_with_several_seeds_is_resampled_over_them(tmp_path):
+    # TPT-like runs: no shots, but three seeds of random augmentations; zero-shot: one arbitrary seed
+    for ds, zs in (("x", 40.0), ("y", 60.0)):
+        rec(tmp_path, "z", ds, {"top1": zs}, protocol="test_time", seed=0)
+        for s, delta in zip((1, 2, 3), (3.0, -1.0, 1.0)):
+            rec(tmp_path, "t", ds, {"top1": zs + delta}, protocol="test_time", seed=s)
+    v = verdict(tmp_path, "mean(top1, method=t) > mean(top1, method=z)", protocol="test_time")
+    assert v.seeds == [1, 2, 3] and [t.value for t in v.terms] == [51.0, 50.0]   # every seed, not seed 1 alone
+    assert v.terms[0].seeds == {"x": [1, 2, 3], "y": [1, 2, 3]} and v.terms[1].seeds == {"x": [0], "y": [0]}
+    assert v.noise.per_seed == {1: True, 2: False, 3: True} and v.status == INCONCLUSIVE   # seed 2 loses
+    # matched with a trained term, the shared seeds are compared
+    for ds in ("x", "y"):
+        rec(tmp_path, "c", ds, {"top1": 45.0}, protocol="test_time", shots=16, seed=1)
+    v = verdict(tmp_path, "mean(top1, method=t) > mean(top1, method=c, shots=16)", protocol="test_time")
+    assert v.seeds == [1] and v.terms[0].value == 53.0
+
+
 def test_near_chance_datasets_decide_nothing(tmp_path):
     # zero-shot on 'hard' (10 classes) is 15% < 2 x chance: the dataset is left out of the grid
     for ds, zs in (("easy", 60.0), ("hard", 15.0)):
