@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from common.cli import run_cli
+from common.config import load_config
 from common.clip import logit_scale, zeroshot_classifier
 from common.data import build_dataset, sample_per_class
 from common.engine import TrainConfig, classification_metrics, run_dir
 from common.engine.protocols import Task, run_fewshot, run_transfer
+from common.engine import convergence
+from common.engine.convergence import with_schedule
 from common.engine.cost import random_features, report_epoch_cost
 from common.engine.threads import threaded
 from common.paths import runs_root
@@ -96,14 +100,38 @@ def fit(task: Task, finetune: bool) -> dict:
     scale = clip_scale(task)
     if finetune:
         model = TipAdapterF(keys, values, weights, dcfg["init_alpha"], dcfg["init_beta"], scale)
-        tcfg = TrainConfig.from_dict({**cfg["train"], "epochs": int(dcfg["epochs"]), "seed": task.seed})
-        train_tip_f(model, views, labels, val_x, val_y, tcfg, int(cfg["batch_size"]), float(cfg["adam_eps"]),
-                    task.out_dir, desc=f"tip_f {name} k{task.shots}", threads=cfg.get("threads"))
+        tcfg = with_schedule(TrainConfig.from_dict({**cfg["train"], "epochs": int(dcfg["epochs"]), "seed": task.seed}),
+                             task)
+        history = train_tip_f(model, views, labels, val_x, val_y, tcfg, int(cfg["batch_size"]),
+                              float(cfg["adam_eps"]), task.out_dir, desc=f"tip_f {name} k{task.shots}",
+                              threads=cfg.get("threads"))
         keys = model.keys.detach().clone()
     search = search_alpha_beta(val_x, val_y, val_x @ keys.t(), values, weights, dcfg["search_scale"],
                                cfg["search_step"], scale)
     return {"keys": keys, "values": values, "classnames": list(task.dataset.classnames), "alpha": search.alpha,
-            "beta": search.beta, "clip_scale": scale, "search": search}
+            "beta": search.beta, "clip_scale": scale, "search": search,
+            "history": history if finetune else [], "steps_per_epoch": -(-len(labels) // int(cfg["batch_size"]))}
+
+
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study of Tip-Adapter-F (16 shots, seed 1): lr from official x {1,3,10,30,100} at the official 20
+    epochs, then budgets up to 20 epochs; validation top-1 after the alpha/beta search -> papers/tip_adapter/
+    convergence.json"""
+    real = load_config(CONFIG, "real")
+
+    def fit_many(tasks):
+        out = []
+        for t in tasks:
+            state = fit(t, finetune=True)
+            spe = state["steps_per_epoch"]
+            hist = [{**h, "step": h["epoch"] * spe} for h in state["history"]]
+            curve = [{"step": h["step"], "val": h["val_top1"]} for h in hist] if t.extra.get("on_eval") else []
+            out.append(SimpleNamespace(state=state, train_history=hist, val_history=curve))
+        return out
+
+    return convergence.study(cfg, SLUG, SLUG, "tip_f", fit_many, lambda s, t: s.state["search"].best,
+                             int(real["train"]["epochs"]), float(real["train"]["lr"]), convergence.STUDY_DATASETS,
+                             note="Tip-Adapter-F keys fine-tuned; val top-1 after the val alpha/beta search")
 
 
 def class_index(source: list[str], target: list[str]) -> torch.Tensor:
@@ -228,7 +256,8 @@ def reproduce(cfg: dict) -> None:
 
 
 def main(argv=None):
-    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "figure": figure, "cost": cost}
+    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "figure": figure, "cost": cost,
+                "convergence": convergence_cmd}
     # every command under cfg['threads'] intra-op threads (encoding included): see common/engine/threads.py
     return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in commands.items()},
                    "Tip-Adapter (training-free cache model) and Tip-Adapter-F (fine-tuned keys) on cached CLIP "

@@ -192,3 +192,18 @@ def test_clip_scale_is_official_100_or_the_models_temperature(tiny_rn):
     assert tip.clip_scale(Task({"clip_scale": 100.0}, tiny_rn, None, 1, 1, None)) == 100.0
     assert tip.clip_scale(Task({"clip_scale": None}, tiny_rn, None, 1, 1, None)) == pytest.approx(logit_scale(tiny_rn))
     assert load_config(tip.CONFIG, "real")["clip_scale"] == 100.0 and load_config(tip.CONFIG)["clip_scale"] is None
+
+
+def test_a_convergence_schedule_sets_tip_f_epochs_and_lr(tmp_path, tiny_rn):
+    """The budget study trains Tip-Adapter-F at the schedule its task carries (epochs, lr), not the config's."""
+    args = toy_overrides(tmp_path, tiny_rn, {"cache_views": 2, "train.epochs": 5, "search_step": "[4, 2]"})
+    cfg = load_config(tip.CONFIG, "embedded", args[1::2])
+    few = fewshot_split(build_dataset("toy", tmp_path / "data"), 2, 1)
+    histories = {}
+    for epochs, lr in ((1, 1e-3), (3, 1e-1)):
+        task = Task(cfg, tiny_rn, few, 2, 1, None)
+        task.extra["schedule"] = {"epochs": epochs, "lr": lr}
+        state = tip.fit(task, finetune=True)
+        histories[epochs] = state["history"]
+        assert len(state["history"]) == epochs and state["history"][0]["lr"] == pytest.approx(lr)
+    assert tip.fit(Task(cfg, tiny_rn, few, 2, 1, None), finetune=False)["history"] == []
