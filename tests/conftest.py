@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from common.clip import load_clip
+from common.engine.threads import torch_threads
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every explicitly random model
 torch.set_num_threads(2)
@@ -18,6 +19,14 @@ def isolated_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("VLMT_RUNS", str(tmp_path / "runs"))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on shared cores: one intra-op thread is several times faster than two (a test module opts in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,7 @@ NAMES = ["red square", "green circle", "blue triangle", "yellow star"]
 SCALE = 100.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast alone and several times faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_loop_logits(learner: CoCoOpPromptLearner, feats: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,7 @@ from papers.coop.method import PromptLearner, coop_logits, init_phrase, variant_
 NAMES = ["red square", "green_circle", "blue triangle"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast alone and several times faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_init_from_a_photo_of_a_is_exactly_zero_shot(tiny_clip):

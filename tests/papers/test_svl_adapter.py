@@ -17,14 +17,9 @@ from papers.svl_adapter.ssl import (SimCLRAugment, TinyResNet, adjust_brightness
                                     adjust_saturation, nt_xent, pretrain_simclr, ssl_features)
 from papers.zeroshot_clip.method import zeroshot_weights
 from tests.fixtures.toy import write_toy
-from common.engine.threads import torch_threads
 from tests.papers.helpers import toy_overrides
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one intra-op thread is several times faster than two."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = {"ssl.epochs": 1, "ssl.batch_size": 8, "ssl.res": 16, "ssl.load_size": 16, "ssl.width": 4, "feature_res": 16,

@@ -11,14 +11,9 @@ from common.engine import load_records
 from papers.wise_ft.method import (alpha_grid, alpha_name, class_projection, finetune_end_to_end, finetune_linear,
                                    interpolate, mean_std, state_of, zeroshot_head, zeroshot_model)
 from tests.fixtures.toy import TOY_CLASSES
-from common.engine.threads import torch_threads
 from tests.papers.helpers import toy_overrides
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one intra-op thread is several times faster than two."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEMPLATES = ["a photo of a {}.", "a {} object."]
