@@ -111,7 +111,7 @@ def sweep_tags(param: str, value, default) -> dict:
     return {"sweep": {"param": param, "value": value, "default": value == default}}
 
 
-def _exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=None) -> bool:
+def record_exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=None) -> bool:
     """Whether the run's record exists (and `force` is off); an existing record's metrics are printed."""
     path = run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant, source) \
         / "metrics.json"
@@ -119,6 +119,21 @@ def _exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=
         return False
     print_record(json.loads(path.read_text()), existing=True)
     return True
+
+
+def training_free_plan(cfg: dict, zeroshot_variants: list[str]) -> list[tuple[str, list[str], str | None, list[str]]]:
+    """(protocol, datasets, source, variants) of a training-free evaluation: zero-shot on `datasets` with
+    `zeroshot_variants`, and, when there are `dg_targets`, the DG source then its targets with `dg_variants`."""
+    out = [("zeroshot", list(cfg["datasets"]), None, list(zeroshot_variants))]
+    if cfg["dg_targets"]:
+        names = [cfg["dg_source"]] + [t for t in cfg["dg_targets"] if t != cfg["dg_source"]]
+        out.append(("domain_generalization", names, cfg["dg_source"], list(cfg["dg_variants"])))
+    return out
+
+
+def plan_datasets(plan) -> list[str]:
+    """Every dataset a plan of `training_free_plan` reads, in order (repeats kept: callers dedupe)."""
+    return [n for _, names, _, _ in plan for n in names]
 
 
 def checkpoint_dir(cfg, paper, protocol, dataset, method, shots, seed, variant):
@@ -174,7 +189,7 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
         return _fewshot_batched(cfg, paper, method, fit_eval, variant, jobs, bundle, tags)
     out = []
     for name, k, seed in tqdm(jobs, desc=f"{paper}/{method} few-shot"):
-        if _exists(cfg, paper, "fewshot", name, method, k, seed, variant):
+        if record_exists(cfg, paper, "fewshot", name, method, k, seed, variant):
             continue
         t0, _ = time.time(), take_resumed_seconds()
         full = build_dataset(name, cfg["data_root"])
@@ -191,7 +206,7 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
 def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle, tags=None) -> list[dict]:
     out = []
     for name in tqdm(list(dict.fromkeys(d for d, _, _ in jobs)), desc=f"{paper}/{method} few-shot (batched)"):
-        cells = [(k, s) for d, k, s in jobs if d == name and not _exists(cfg, paper, "fewshot", d, method, k, s, variant)]
+        cells = [(k, s) for d, k, s in jobs if d == name and not record_exists(cfg, paper, "fewshot", d, method, k, s, variant)]
         if not cells:
             continue
         t0, _ = time.time(), take_resumed_seconds()
@@ -234,7 +249,7 @@ def run_base2novel(cfg: dict, paper: str, method: str, fit: Callable[[Task], Any
     out = []
     for name in tqdm(datasets, desc=f"{paper}/{method} base2novel"):
         todo = [s for s in (seeds or cfg["seeds"])
-                if owns(name, shots, s) and not _exists(cfg, paper, "base2novel", name, method, shots, s, variant)]
+                if owns(name, shots, s) and not record_exists(cfg, paper, "base2novel", name, method, shots, s, variant)]
         if not todo:
             continue
         t0, _ = time.time(), take_resumed_seconds()
@@ -270,7 +285,7 @@ def run_transfer(cfg: dict, paper: str, method: str, protocol: str, fit: Callabl
     bundle = bundle_for(cfg)
     names = [source] + [t for t in targets if t != source]
     todo = [s for s in (seeds or cfg["seeds"]) if owns(source, shots, s)
-            and not all(_exists(cfg, paper, protocol, t, method, shots, s, variant, source) for t in names)]
+            and not all(record_exists(cfg, paper, protocol, t, method, shots, s, variant, source) for t in names)]
     if not todo:
         return []
     t0, _ = time.time(), take_resumed_seconds()

@@ -12,7 +12,6 @@ zeroshot_clip records on the same datasets and backbones.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,8 +20,9 @@ from tqdm.auto import tqdm
 from common.cli import inputs, run_cli
 from common.clip import IMAGENET_TEMPLATES, encode_texts
 from common.data.descriptors import WHERE, run_class_texts
-from common.engine import run_dir, write_record
-from common.engine.protocols import Task, backbone_configs, backbone_problems, bundle_for, eval_classifier
+from common.engine import write_record
+from common.engine.protocols import (Task, backbone_configs, backbone_problems, bundle_for, eval_classifier,
+                                     plan_datasets, record_exists, training_free_plan)
 from common.engine.runs import print_record
 
 from .method import BASE_VARIANTS, cupl_weights, variant_texts, wordify
@@ -38,24 +38,12 @@ def variants_of(cfg: dict) -> list[str]:
 
 def _protocols(cfg: dict) -> list[tuple[str, list[str], str | None, list[str]]]:
     """(protocol, datasets, training source, variants) of one eval."""
-    out = [("zeroshot", list(cfg["datasets"]), None, variants_of(cfg))]
-    if cfg["dg_targets"]:
-        names = [cfg["dg_source"]] + [t for t in cfg["dg_targets"] if t != cfg["dg_source"]]
-        out.append(("domain_generalization", names, cfg["dg_source"], list(cfg["dg_variants"])))
-    return out
+    return training_free_plan(cfg, variants_of(cfg))
 
 
 def _reads(cfg: dict) -> list[str]:
     """Every dataset a command reads: `datasets`, and the DG source and targets when there are targets."""
-    return [n for _, names, _, _ in _protocols(cfg) for n in names]
-
-
-def _done(cfg: dict, protocol: str, dataset: str, variant: str, source: str | None) -> bool:
-    path = run_dir(SLUG, protocol, cfg["profile"], dataset, cfg["arch"], SLUG, None, 0, variant, source)
-    if cfg.get("force", False) or not (path / "metrics.json").is_file():
-        return False
-    print_record(json.loads((path / "metrics.json").read_text()), existing=True)
-    return True
+    return plan_datasets(_protocols(cfg))
 
 
 def class_texts_of(cfg: dict) -> dict:
@@ -80,7 +68,7 @@ def evaluate_one(cfg: dict, ds, ct, protocol: str, source: str | None, variants:
     task = Task(cfg, bundle, ds, None, 0, None)
     out = []
     for variant in variants:
-        if _done(cfg, protocol, ds.name, variant, source):
+        if record_exists(cfg, SLUG, protocol, ds.name, SLUG, None, 0, variant, source):
             continue
         t0 = time.time()
         texts = texts_for(cfg, ds, ct, variant)

@@ -24,8 +24,9 @@ from common.atomic import write_text_atomic
 from common.cli import inputs, run_cli
 from common.clip import pooled_classifier
 from common.data.descriptors import WHERE, run_class_texts
-from common.engine import classification_metrics, run_dir, write_record
-from common.engine.protocols import Task, backbone_configs, backbone_problems, bundle_for, eval_classifier
+from common.engine import classification_metrics, write_record
+from common.engine.protocols import (Task, backbone_configs, backbone_problems, bundle_for, eval_classifier,
+                                     plan_datasets, record_exists, training_free_plan)
 from common.engine.runs import print_record
 from common.paths import runs_root
 
@@ -39,24 +40,12 @@ CONFIG = Path(__file__).with_name("config.yaml")
 
 def _protocols(cfg: dict) -> list[tuple[str, list[str], str | None, list[str]]]:
     """(protocol, datasets, training source, variants) of one eval."""
-    out = [("zeroshot", list(cfg["datasets"]), None, list(cfg["variants"]))]
-    if cfg["dg_targets"]:
-        names = [cfg["dg_source"]] + [t for t in cfg["dg_targets"] if t != cfg["dg_source"]]
-        out.append(("domain_generalization", names, cfg["dg_source"], list(cfg["dg_variants"])))
-    return out
+    return training_free_plan(cfg, cfg["variants"])
 
 
 def _reads(cfg: dict) -> list[str]:
     """Every dataset eval reads: `datasets`, and the DG source and targets when there are targets."""
-    return [n for _, names, _, _ in _protocols(cfg) for n in names]
-
-
-def _done(cfg: dict, protocol: str, dataset: str, method: str, variant: str, source: str | None) -> bool:
-    path = run_dir(SLUG, protocol, cfg["profile"], dataset, cfg["arch"], method, None, 0, variant, source)
-    if cfg.get("force", False) or not (path / "metrics.json").is_file():
-        return False
-    print_record(json.loads((path / "metrics.json").read_text()), existing=True)
-    return True
+    return plan_datasets(_protocols(cfg))
 
 
 def class_texts_of(cfg: dict, names: list[str] | None = None) -> dict:
@@ -85,7 +74,7 @@ def evaluate_one(cfg: dict, ds, ct, protocol: str, source: str | None, variants:
     task = Task(cfg, bundle, ds, None, 0, None)
     out = []
     todo = [(SLUG, v) for v in variants] + [(BASELINE, "")]
-    todo = [(m, v) for m, v in todo if not _done(cfg, protocol, ds.name, m, v, source)]
+    todo = [(m, v) for m, v in todo if not record_exists(cfg, SLUG, protocol, ds.name, m, None, 0, v, source)]
     if not todo:
         return out
     feats = task.features("test")
