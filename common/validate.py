@@ -216,6 +216,9 @@ def check_run(cfg: dict, reads: Iterable[str] | DatasetsOf = (), weights: bool =
             check_weights(cfg["arch"], cfg["pretrained"])
         except UserError as err:
             problems.append(one_line(str(err)))
+    if weights and cfg.get("backbones"):   # a multi-backbone run's other towers, checked with the weights
+        from .engine.protocols import backbone_problems
+        problems += backbone_problems(cfg)
     if problems:
         raise DataError("; ".join(problems))
     problems = image_problems(built)

@@ -51,8 +51,8 @@ def backbone_configs(cfg: dict) -> list[dict]:
 
 
 def backbone_problems(cfg: dict) -> list[str]:
-    """What `backbone_configs` would fail on, for a paper's `validate` hook: malformed entries, unknown archs and
-    missing weights, each one line."""
+    """What `backbone_configs` would fail on, each one line: malformed entries, unknown archs and missing weights
+    (`common.validate.check_run` asks with the weights, so a config names files that need not exist yet)."""
     from ..clip.loader import check_weights
     from ..errors import UserError, one_line
     entries = cfg.get("backbones") or []

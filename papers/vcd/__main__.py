@@ -25,7 +25,7 @@ from common.cli import inputs, run_cli
 from common.clip import pooled_classifier
 from common.data.descriptors import WHERE, run_class_texts
 from common.engine import classification_metrics, write_record
-from common.engine.protocols import (Task, backbone_configs, backbone_problems, bundle_for, eval_classifier,
+from common.engine.protocols import (Task, backbone_configs, bundle_for, eval_classifier,
                                      plan_datasets, record_exists, training_free_plan)
 from common.engine.runs import print_record
 from common.paths import runs_root
@@ -208,7 +208,7 @@ def plot(cfg: dict) -> list[Path]:
 
 
 def validate(cfg: dict) -> list[str]:
-    out = backbone_problems(cfg)
+    out = []
     bad = [v for v in list(cfg["variants"]) + list(cfg["dg_variants"]) if v not in VARIANTS]
     if bad:
         out.append(f"variants / dg_variants: unknown {sorted(set(bad))}; known: {', '.join(VARIANTS)}")
