@@ -76,17 +76,19 @@ def chosen_factor(means: dict, tolerance: float = TOLERANCE) -> float:
 def study(cfg: dict, slug: str, method: str, variant: str, fit_many: Callable[[list], list],
           val_accuracy: Callable[[Any, Any], float], official_epochs: int, official_lr: float, datasets: Sequence[str],
           shots: int = 16, seed: int = 1, out: str | Path | None = None, make_task: Callable | None = None,
-          note: str = "", lr_factors: Sequence[float] = LR_FACTORS) -> dict:
+          note: str = "", lr_factors: Sequence[float] = LR_FACTORS,
+          fractions: Sequence[float] = FRACTIONS) -> dict:
     """Run a convergence study and write its record (`papers/<slug>/convergence.json` by default).
 
     `fit_many(tasks) -> states` trains the tasks together, honouring `task.extra["schedule"]` (epochs, lr);
     `val_accuracy(state, task)` scores a trained state on the task's validation split (top-1 %); the method
     logs a validation curve of the runs whose task has `extra["on_eval"]`. `make_task(name, dataset, shots,
-    seed)` builds a protocol task (default: a few-shot task)."""
+    seed)` builds a protocol task (default: a few-shot task). `fractions=(1,)` studies the learning rate only, at
+    the official budget (methods whose claims are about late training keep the official schedule)."""
     from .protocols import Task, bundle_for
 
     bundle = bundle_for(cfg)
-    epochs = budgets(official_epochs)
+    epochs = budgets(official_epochs, fractions)
     record: dict[str, Any] = {"paper": slug, "method": method, "variant": variant, "backbone": cfg["arch"],
                               "checkpoint": bundle.checkpoint_id, "profile": cfg["profile"], "shots": shots,
                               "seed": seed, "official_epochs": official_epochs, "official_lr": official_lr,
@@ -135,6 +137,33 @@ def study(cfg: dict, slug: str, method: str, variant: str, fit_many: Callable[[l
     print(f"[{slug}] convergence: mean val by lr factor {record['mean_val_by_lr']} -> x{factor:g}; by budget (epochs) "
           f"{record['mean_val']} -> {record['justified_epochs']} of the official {official_epochs} ({path})")
     return record
+
+
+def epoch_validation(task, score: Callable[[], float]) -> Callable[[int], dict] | None:
+    """`on_epoch_end` for the single-run `Trainer`: the validation accuracy after every epoch, only in the run a
+    study draws the validation curve of (`task.extra["on_eval"]`)."""
+    if not (getattr(task, "extra", None) or {}).get("on_eval"):
+        return None
+    return lambda epoch: {"val": float(score())}
+
+
+def keep_history(state, history: list[dict]):
+    """Attach a single-run `Trainer` history to the trained state as a study reads it: `train_history` (loss per
+    epoch, with its optimiser step) and `val_history` (the epochs `epoch_validation` scored)."""
+    state.train_history = history
+    state.val_history = [{"step": h["step"], "val": h["val"]} for h in history if "val" in h]
+    return state
+
+
+def base_class_task(cfg: dict, bundle) -> Callable:
+    """`make_task` for methods whose main protocol is base-to-novel: the few-shot split's base classes (the
+    split they train on)."""
+    from ..data import subsample_classes
+    from .protocols import Task
+
+    def make(name: str, data, shots: int, seed: int):
+        return Task(cfg, bundle, subsample_classes(fewshot_split(data, shots, seed), "base"), shots, seed, None)
+    return make
 
 
 def load(path: str | Path) -> dict | None:

@@ -101,9 +101,10 @@ def train_pool(dataset_name: str, data_root, choice: str) -> list[Datum] | None:
 
 
 def fit_dense_head(module: nn.Module, views: list[dict], train_cfg, batch_size: int, seed: int,
-                   out_dir=None, desc: str = "train") -> list[dict]:
+                   out_dir=None, desc: str = "train", on_epoch_end=None) -> list[dict]:
     """Train `module(global, dense) -> logits` with cross-entropy on cached views (epoch e uses view
-    e mod len(views)); the shared `Trainer` gives the schedule, checkpoints and exact resume."""
+    e mod len(views)); the shared `Trainer` gives the schedule, checkpoints and exact resume.
+    `on_epoch_end(epoch) -> dict` adds to each epoch's history record (a convergence study's validation)."""
     from .train import TrainConfig, Trainer, index_batches
     cfg = train_cfg if isinstance(train_cfg, TrainConfig) else TrainConfig.from_dict(dict(train_cfg, seed=seed))
     n = len(views[0]["labels"])
@@ -120,7 +121,7 @@ def fit_dense_head(module: nn.Module, views: list[dict], train_cfg, batch_size: 
     def batches(epoch):
         return [(epoch % len(views), idx) for idx in index_batches(n, batch_size, seed, epoch)]
 
-    return Trainer(module, cfg, out_dir, desc=desc).fit(step, batches)
+    return Trainer(module, cfg, out_dir, desc=desc).fit(step, batches, on_epoch_end)
 
 
 @torch.no_grad()

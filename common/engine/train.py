@@ -214,6 +214,7 @@ class Trainer:
         if self.start_epoch == 0 and not self.maybe_resume():
             seed_everything(self.cfg.seed)
         stop = self.cfg.epochs if max_epochs is None else min(self.cfg.epochs, self.start_epoch + max_epochs)
+        steps = int(self.history[-1].get("step", 0)) if self.history else 0   # optimiser steps so far
         for epoch in range(self.start_epoch, stop):
             t0 = time.time()
             self.module.train()
@@ -250,10 +251,11 @@ class Trainer:
                     self.optimizer.step()
                 total += float(loss.detach())
                 count += 1
+                steps += 1
                 for k, v in logs.items():
                     logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
                 bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
-            record = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": lr_at(self.cfg, epoch),
+            record = {"epoch": epoch + 1, "step": steps, "loss": total / max(count, 1), "lr": lr_at(self.cfg, epoch),
                       "wall_s": round(time.time() - t0, 3), **{k: v / max(count, 1) for k, v in logs_sum.items()}}
             if on_epoch_end is not None:
                 record.update(on_epoch_end(epoch) or {})

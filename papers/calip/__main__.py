@@ -16,7 +16,10 @@ import torch
 from common.cli import inputs, run_cli
 from common.clip import logit_scale, zeroshot_classifier
 from common.data import build_dataset, sample_per_class
-from common.engine import classification_metrics, run_dir, write_record
+from common.config import load_config
+from common.engine import TrainConfig, classification_metrics, run_dir, write_record
+from common.engine import convergence
+from common.engine.convergence import with_schedule
 from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense, train_pool
 from common.engine.cells import owns
 from common.engine.protocols import Task, bundle_for, run_fewshot
@@ -173,12 +176,15 @@ def fit_calip_fs(task: Task) -> CalipFS:
     views = dense_train_views(task.bundle, task.dataset.name, task.dataset.train, cfg["dense_mode"],
                               fs["train_transform"], max(1, int(cfg["cache_views"])), cfg["eval_batch_size"],
                               train_pool(task.dataset.name, cfg["data_root"], cfg["train_pool"]))
-    fit_dense_head(model, views, fs["train"], fs["batch_size"], task.seed, task.out_dir, desc="calip-fs")
-    return model
+    tcfg = with_schedule(TrainConfig.from_dict(dict(fs["train"], seed=task.seed)), task)
+    hist = fit_dense_head(model, views, tcfg, fs["batch_size"], task.seed, task.out_dir, desc="calip-fs",
+                          on_epoch_end=convergence.epoch_validation(
+                              task, lambda: evaluate_calip_fs(model, task, "val")["top1"]))
+    return convergence.keep_history(model, hist)
 
 
-def evaluate_calip_fs(model: CalipFS, task: Task) -> dict:
-    feats = dense_features(task.bundle, task.dataset.name, "test", task.dataset.test, mode=task.cfg["dense_mode"],
+def evaluate_calip_fs(model: CalipFS, task: Task, split: str = "test") -> dict:
+    feats = dense_features(task.bundle, task.dataset.name, split, task.dataset.split(split), mode=task.cfg["dense_mode"],
                            batch_size=task.cfg["eval_batch_size"])
     logits = predict_dense(model, feats, task.cfg["fs"]["eval_chunk"])
     return {**classification_metrics(logits, feats["labels"]), "beta2": model.beta2, "beta3": model.beta3}
@@ -195,8 +201,20 @@ def reproduce(cfg: dict) -> None:
     train(cfg)
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study of CALIP-FS at the official recipe (SGD, 200 epochs; 16 shots, seed 1): learning rate,
+    then budgets -> papers/calip/convergence.json"""
+    official = load_config(CONFIG, "real")["fs"]["train"]
+    cfg = {**cfg, "fs": {**cfg["fs"], "train": dict(official)}}
+    return convergence.study(cfg, SLUG, "calip_fs", "", lambda tasks: [fit_calip_fs(t) for t in tasks],
+                             lambda model, task: evaluate_calip_fs(model, task, "val")["top1"],
+                             int(official["epochs"]), float(official["lr"]), convergence.STUDY_DATASETS,
+                             lr_factors=(1, 10, 100), note="CALIP-FS with the official optimiser (SGD, momentum 0.9); betas searched on val")
+
+
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate, "reproduce": reproduce},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate, "reproduce": reproduce,
+                                  "convergence": convergence_cmd},
                    "CALIP: parameter-free attention for zero-shot CLIP (eval), CALIP-FS few-shot (train).", argv)
 
 

@@ -68,16 +68,11 @@ def eval_(cfg: dict) -> list[dict]:
 def convergence_cmd(cfg: dict) -> dict:
     """convergence study on the base classes (16 shots, seed 1): learning rate at the official 10 epochs, then
     budgets -> papers/cocoop/convergence.json"""
-    from common.data import fewshot_split, subsample_classes
     real = load_config(CONFIG, "real")
-    bundle = bundle_for(cfg)
-
-    def base_task(name, data, shots, seed):
-        return Task(cfg, bundle, subsample_classes(fewshot_split(data, shots, seed), "base"), shots, seed, None)
     return convergence.study(cfg, SLUG, SLUG, variant(cfg), lambda tasks: train_cocoop_many(tasks, cfg),
                              lambda learner, task: evaluate(learner, task, split="val")["top1"],
                              int(real["epochs"]), float(real["train"]["lr"]), convergence.STUDY_DATASETS,
-                             shots=int(cfg["b2n_shots"]), make_task=base_task, lr_factors=(1, 3, 10, 30),
+                             shots=int(cfg["b2n_shots"]), make_task=convergence.base_class_task(cfg, bundle_for(cfg)), lr_factors=(1, 3, 10, 30),
                              note="base classes of the base-to-novel protocol (the split CoCoOp trains on)")
 
 

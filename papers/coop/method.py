@@ -306,10 +306,11 @@ def train_coop_single(task: Task, cfg: dict, learner: PromptLearner, loss_fn: Lo
         loss, logs = out if isinstance(out, tuple) else (out, {})
         return loss, {"acc": float((logits.argmax(-1) == y).float().mean()) * 100, **logs}
 
+    on_epoch_end = convergence.epoch_validation(task, lambda: evaluate(learner, task, split="val")["top1"])
     with torch_threads(option(cfg, "threads")):  # tiny per-step ops: extra threads only synchronise
-        learner.train_history = trainer.fit(step, feature_batches(feats, labels, int(option(cfg, "batch_size")),
-                                                                   tcfg.seed))
-    return learner
+        history = trainer.fit(step, feature_batches(feats, labels, int(option(cfg, "batch_size")), tcfg.seed),
+                              on_epoch_end)
+    return convergence.keep_history(learner, history)
 
 
 def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptLearner] | None = None,

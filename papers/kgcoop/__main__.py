@@ -11,10 +11,12 @@ from pathlib import Path
 
 from common.cli import run_cli
 from common.engine.runs import summarize as summarize_records
-from common.engine.protocols import Task, run_base2novel, run_fewshot, run_transfer
+from common.config import load_config
+from common.engine import convergence
+from common.engine.protocols import Task, bundle_for, run_base2novel, run_fewshot, run_transfer
 from papers.coop.method import evaluate
 
-from .method import train_kgcoop
+from .method import train_kgcoop, train_kgcoop_many
 
 SLUG = "kgcoop"
 CONFIG = Path(__file__).with_name("config.yaml")
@@ -97,8 +99,21 @@ def reproduce(cfg: dict) -> None:
         summarize(cfg, protocol)
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study on the base classes (16 shots, seed 1): learning rate at the official 100 epochs, then
+    budgets -> papers/kgcoop/convergence.json"""
+    real = load_config(CONFIG, "real")
+    return convergence.study(cfg, SLUG, SLUG, "", lambda tasks: train_kgcoop_many(tasks, cfg),
+                             lambda learner, task: evaluate(learner, task, split="val")["top1"],
+                             int(real["epochs"]), float(real["train"]["lr"]), convergence.STUDY_DATASETS,
+                             shots=int(cfg["b2n_shots"]), make_task=convergence.base_class_task(cfg, bundle_for(cfg)),
+                             lr_factors=(1, 3, 10), note="base classes of the base-to-novel protocol (the split KgCoOp "
+                             "trains on), weight 8")
+
+
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce,
+                                  "convergence": convergence_cmd},
                    "KgCoOp (Yao et al., CVPR 2023): CoOp + a knowledge-guided regulariser towards the "
                    "hand-crafted prompt's class embeddings.", argv)
 

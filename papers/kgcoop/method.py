@@ -22,7 +22,8 @@ from common.clip import ClipBundle, zeroshot_classifier
 from common.data import Dataset
 from common.engine.protocols import Task
 from common.engine.threads import torch_threads
-from papers.coop.method import PromptLearner, option, train_coop
+from common.engine.seed import seed_everything
+from papers.coop.method import PromptLearner, option, train_coop_many
 
 # Official per-dataset anchors (trainers/kgcoop.py CUSTOM_TEMPLATES), keyed by this project's dataset names.
 # They equal CoOp's zero-shot templates except DTD. Other datasets (embedded) use their own `template`.
@@ -89,8 +90,18 @@ def build_learner(bundle: ClipBundle, classnames: Sequence[str], cfg: dict) -> P
 
 def train_kgcoop(task: Task, cfg: dict, weight: float | None = None) -> PromptLearner:
     """KgCoOp on `task` (weight 0: CoOp with the same learner and schedule)."""
+    return train_kgcoop_many([task], cfg, weight, out_dir=task.out_dir)[0]
+
+
+def train_kgcoop_many(tasks: Sequence[Task], cfg: dict, weight: float | None = None, out_dir=None) -> list[PromptLearner]:
+    """KgCoOp on several tasks as one batched model (`train_coop_many`); each run as `train_kgcoop` alone."""
     w = cfg["weight"] if weight is None else weight
-    learner = build_learner(task.bundle, task.dataset.classnames, cfg)
-    with torch_threads(option(cfg, "threads")):  # small text batches: extra threads only synchronise
-        loss = KgLoss(task.bundle, task.dataset.classnames, anchor_template(task.dataset), w, cfg["kg_form"])
-    return train_coop(task, cfg, learner, loss, desc=f"kgcoop w={w:g} {task.dataset.name} k{task.shots} s{task.seed}")
+    learners, losses = [], []
+    for t in tasks:
+        seed_everything(t.seed)
+        learners.append(build_learner(t.bundle, t.dataset.classnames, cfg))
+        with torch_threads(option(cfg, "threads")):  # small text batches: extra threads only synchronise
+            losses.append(KgLoss(t.bundle, t.dataset.classnames, anchor_template(t.dataset), w, cfg["kg_form"]))
+    desc = f"kgcoop w={w:g} " + (f"{tasks[0].dataset.name} k{tasks[0].shots} s{tasks[0].seed}" if len(tasks) == 1
+                                 else f"x{len(tasks)} {tasks[0].dataset.name}")
+    return train_coop_many(tasks, cfg, learners, losses, desc=desc, out_dir=out_dir)

@@ -15,7 +15,9 @@ from pathlib import Path
 from common.cli import inputs, run_cli
 from common.engine.runs import summarize as summarize_records
 from common.data import build_dataset
-from common.engine.protocols import Task, run_base2novel
+from common.config import load_config
+from common.engine import convergence
+from common.engine.protocols import Task, bundle_for, run_base2novel
 
 from .method import evaluate_lasp, train_lasp
 
@@ -98,8 +100,22 @@ def reproduce(cfg: dict) -> None:
     summarize(cfg, "base2novel")
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study of LASP-V (the released configuration) on the base classes (16 shots, seed 1): learning
+    rate at the official 25 epochs, then budgets -> papers/lasp/convergence.json"""
+    real = load_config(CONFIG, "real")
+    cfg = with_variant({**cfg, "train": {**cfg["train"], "warmup_epochs": real["train"]["warmup_epochs"]}}, "lasp_v")
+    return convergence.study(cfg, SLUG, SLUG, "lasp_v", lambda tasks: [fit(t) for t in tasks],
+                             lambda state, task: evaluate_lasp(state, task, "val")["top1"], int(real["epochs"]),
+                             float(real["train"]["lr"]), convergence.STUDY_DATASETS, shots=int(cfg["b2n_shots"]),
+                             make_task=convergence.base_class_task(cfg, bundle_for(cfg)), lr_factors=(1, 3, 10),
+                             note="LASP-V (prompts, text bias, visual LayerNorms; virtual classes) on the base classes "
+                             "of the base-to-novel protocol; the default schedule (Pets/Cars/Flowers/Aircraft/SUN)")
+
+
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce,
+                                  "convergence": convergence_cmd},
                    "LASP (Bulat & Tzimiropoulos, CVPR 2023): soft prompts regularised by a text-to-text "
                    "cross-entropy against hand-crafted templates, with re-calibration and virtual classes.", argv)
 

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from common.clip import ClipBundle, is_vit, logit_scale, tokenize
 from common.engine import Trainer, TrainConfig, index_batches, lr_at
+from common.engine import convergence
+from common.engine.convergence import with_schedule
 from common.engine.cache import cached_features, encode_items
 from common.engine.evaluate import classification_metrics
 from common.engine.protocols import Task
@@ -257,7 +259,7 @@ def train_with_visual_ln(task: Task, cfg: dict, learner: LaspPromptLearner, loss
     """LASP-RP training: the image tower runs from cached block inputs every step (its LNs are trained)."""
     model = LaspModel(learner, recalibrated_visual(task.bundle)).to(task.bundle.device)
     tokens, labels = token_views(task, cfg)
-    tcfg = train_config(cfg, task)
+    tcfg = with_schedule(train_config(cfg, task), task)
     scale = logit_scale(task.bundle)
     trainer = GroupLRTrainer(model, tcfg, task.out_dir, model.param_groups(float(cfg["ln_lr_mult"])),
                              desc=f"lasp-rp {task.dataset.name} k{task.shots} s{task.seed}")
@@ -269,9 +271,11 @@ def train_with_visual_ln(task: Task, cfg: dict, learner: LaspPromptLearner, loss
         loss, logs = loss_fn(learner, logits, y.to(task.bundle.device), text)
         return loss, {"acc": float((logits.argmax(-1) == y.to(logits.device)).float().mean()) * 100, **logs}
 
+    on_epoch_end = convergence.epoch_validation(task, lambda: _evaluate(model, task, "val")["top1"])
     with torch_threads(option(cfg, "threads")):  # small per-step ops: extra threads only synchronise
-        trainer.fit(step, token_batches(tokens, labels, int(option(cfg, "batch_size")), tcfg.seed))
-    return model
+        history = trainer.fit(step, token_batches(tokens, labels, int(option(cfg, "batch_size")), tcfg.seed),
+                              on_epoch_end)
+    return convergence.keep_history(model, history)
 
 
 def train_lasp(task: Task, cfg: dict, tt_names: Sequence[str]) -> LaspPromptLearner | LaspModel:
@@ -289,21 +293,21 @@ def train_lasp(task: Task, cfg: dict, tt_names: Sequence[str]) -> LaspPromptLear
 
 
 @torch.no_grad()
-def evaluate_lasp(state: LaspPromptLearner | LaspModel, task: Task) -> dict[str, float]:
+def evaluate_lasp(state: LaspPromptLearner | LaspModel, task: Task, split: str = "test") -> dict[str, float]:
     """Top-1 with prompts for the task's class names; LASP-RP encodes the test images with its tuned tower."""
     with torch_threads(option(task.cfg, "threads")):
-        return _evaluate(state, task)
+        return _evaluate(state, task, split)
 
 
-def _evaluate(state: LaspPromptLearner | LaspModel, task: Task) -> dict[str, float]:
+def _evaluate(state: LaspPromptLearner | LaspModel, task: Task, split: str = "test") -> dict[str, float]:
     learner = state.learner if isinstance(state, LaspModel) else state
     weights = class_weights(learner, task.dataset.classnames)
     scale = logit_scale(task.bundle)
     if isinstance(state, LaspModel):
         visual = state.visual.eval()
-        test = task.dataset.test
+        test = task.dataset.split(split)
         if task.cfg.get("ln_eval_cache", True):  # cache the frozen block inputs of the test images
-            tok = cached_features(task.bundle, task.dataset.name, "test", test, kind="vit_tokens",
+            tok = cached_features(task.bundle, task.dataset.name, split, test, kind="vit_tokens",
                                   encode=lambda x: vit_tokens(task.bundle.model.visual, x))
             feats = torch.cat([vit_from_tokens(visual, t.to(task.bundle.device)).float().cpu()
                                for t in tok["features"].split(int(task.cfg.get("eval_batch_size", 256)))])
@@ -315,6 +319,6 @@ def _evaluate(state: LaspPromptLearner | LaspModel, task: Task) -> dict[str, flo
             feats = encode_items(task.bundle, test, tf, encode=lambda x: vit_from_tokens(visual, vit_tokens(visual, x)))
             labels = torch.tensor([d.label for d in test])
     else:
-        f = task.features("test")
+        f = task.features(split)
         feats, labels = f["features"], f["labels"]
     return classification_metrics(coop_logits(feats.to(weights.device), weights, scale), labels.to(weights.device))

@@ -24,7 +24,10 @@ from common.errors import ConfigError
 from common.clip import logit_scale, zeroshot_classifier
 from common.data import Dataset, build_dataset, fewshot_split
 from common.engine import TrainConfig, Trainer, index_batches, run_dir, seed_everything, write_record
+from common.config import load_config
+from common.engine import convergence
 from common.engine.cells import owns
+from common.engine.convergence import with_schedule
 from common.engine.protocols import Task, bundle_for, checkpoint_dir
 from common.engine.threads import threaded
 from common.paths import runs_root
@@ -106,9 +109,10 @@ def build_model(cfg: dict, bundle, tax: Taxonomy, lam: float, collapse_p: float)
     return ProTeCt(tax, prompt, logit_scale(bundle), lam=lam, collapse_p=collapse_p).to(bundle.device)
 
 
-def fit(task: Task, tax: Taxonomy, lam: float, collapse_p: float, desc: str) -> ProTeCt:
+def fit(task: Task, tax: Taxonomy, lam: float, collapse_p: float, desc: str, val_score=None) -> ProTeCt:
     """Train the node prompts on the cached (augmented) train features of `task`: epoch e reads view
-    e % cache_views, so the frozen image encoder never runs during training."""
+    e % cache_views, so the frozen image encoder never runs during training. `val_score(model)`: a convergence
+    study's validation score, logged after every epoch of its curve run."""
     cfg = task.cfg
     model = build_model(cfg, task.bundle, tax, lam, collapse_p)
     views = [task.features("train", transform="train", view=v) for v in range(int(cfg.get("cache_views", 1)))]
@@ -119,14 +123,16 @@ def fit(task: Task, tax: Taxonomy, lam: float, collapse_p: float, desc: str) -> 
         return [(v["features"][i].to(device), v["labels"][i].to(device))
                 for i in index_batches(n, cfg["batch_size"], task.seed, epoch)]
 
-    trainer = Trainer(model, TrainConfig.from_dict({**cfg["train"], "seed": task.seed}), task.out_dir, desc=desc)
-    trainer.fit(lambda b: model.loss(*b), batches)
-    return model
+    tcfg = with_schedule(TrainConfig.from_dict({**cfg["train"], "seed": task.seed}), task)
+    trainer = Trainer(model, tcfg, task.out_dir, desc=desc)
+    on_epoch_end = convergence.epoch_validation(task, lambda: val_score(model)) if val_score else None
+    return convergence.keep_history(model, trainer.fit(lambda b: model.loss(*b), batches, on_epoch_end))
 
 
 @torch.no_grad()
-def evaluate(node_embeddings: torch.Tensor, scale: float, task: Task, tax: Taxonomy, cuts) -> dict[str, float]:
-    te = task.features("test")
+def evaluate(node_embeddings: torch.Tensor, scale: float, task: Task, tax: Taxonomy, cuts,
+             split: str = "test") -> dict[str, float]:
+    te = task.features(split)
     feats = te["features"].to(node_embeddings.device)
     scores = scale * torch.nn.functional.normalize(feats, dim=-1) @ node_embeddings.t()
     return taxonomic_metrics(scores.cpu(), te["labels"], tax, cuts)
@@ -286,9 +292,36 @@ def reproduce(cfg: dict) -> list[dict]:
     return recs
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study of ProTeCt at the official CIFAR-100/SUN recipe (SGD without momentum, 200 epochs; 16 shots,
+    seed 1) on the taxonomic set: learning rate, then budgets -> papers/protect/convergence.json"""
+    official = load_config(CONFIG, "real")["train"]
+    cfg = {**cfg, "train": dict(official)}
+    trees, bundle = Trees(cfg), bundle_for(cfg)
+    name = datasets_of(cfg)[0]
+    tax, cuts = trees.get(name)
+    lam, p = float(cfg["lam"]), float(cfg["collapse_p"])
+
+    def make_task(dataset_name, data, shots, seed):
+        return Task({**copy.deepcopy(dataset_config(cfg, dataset_name)), "lam": lam, "collapse_p": p}, bundle,
+                    fewshot_split(trees.dataset(dataset_name), shots, seed), shots, seed, None)
+
+    def mta(model, task):
+        with torch.no_grad():
+            return evaluate(model.node_embeddings(), model.scale, task, tax, cuts, "val")["mta"]
+
+    def fit_one(t):
+        seed_everything(t.seed)
+        return fit(t, tax, lam, p, f"{SLUG} convergence {name}", lambda m: mta(m, t))
+    return convergence.study(cfg, SLUG, SLUG, "", lambda tasks: [fit_one(t) for t in tasks], mta,
+                             int(official["epochs"]), float(official["lr"]), [name], make_task=make_task,
+                             lr_factors=(1, 3, 10), note="the validation score is ProTeCt's MTA (mean tree-cut "
+                             "accuracy over the fixed cuts), its headline metric; the taxonomic set only")
+
+
 def main(argv=None):
     # every command under cfg["threads"] intra-op threads, encoding included (common/engine/threads.py)
-    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce}
+    commands = {"train": train, "eval": evaluate_cmd, "reproduce": reproduce, "convergence": convergence_cmd}
     return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in commands.items()},
                    "ProTeCt (Wu, Ho, Vasconcelos, CVPR 2024): prompts for every taxonomy node trained with the "
                    "dynamic treecut and node-centric losses on top of CoOp; leaf accuracy, HCA and MTA.", argv)

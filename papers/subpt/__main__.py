@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.cli import run_cli
+from common.config import load_config
+from common.engine import convergence
 from common.engine.runs import summarize as summarize_records
 from common.data import build_dataset
 from common.engine.protocols import Task, run_base2novel, run_fewshot, run_transfer
@@ -131,8 +133,24 @@ def reproduce(cfg: dict) -> None:
         summarize(cfg, protocol)
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """learning-rate study of CoOp + SubPT at the official schedule (4 shots: 100 epochs, subspace from the first
+    30, rank 10; seed 1) -> papers/subpt/convergence.json. SubPT's claims are about late training (CoOp's
+    overfitting), so the embedded runs keep the official epochs and only the learning rate is chosen."""
+    official = load_config(CONFIG, "real")
+    cfg = {**cfg, **{k: official[k] for k in ("epochs_by_shots", "t_early_by_shots", "rank_by_shots", "train")}}
+    shots = int(cfg["b2n_shots"])
+    return convergence.study(cfg, SLUG, SLUG, "sub", lambda tasks: [fit(t, "sub") for t in tasks],
+                             lambda learner, task: evaluate_coop(learner, task, split="val")["top1"],
+                             int(official["epochs_by_shots"][str(shots)]), float(official["train"]["lr"]),
+                             convergence.STUDY_DATASETS, shots=shots, lr_factors=(1, 3, 10), fractions=(1,),
+                             note=f"CoOp + SubPT at {shots} shots (the embedded few-shot, base-to-novel and DG shot "
+                             f"count), batch {cfg['batch_size']}; the budget is the official one (late-training claims)")
+
+
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": evaluate_cmd, "reproduce": reproduce,
+                                  "convergence": convergence_cmd},
                    "SubPT + NFL (Ma et al., TCSVT 2023): CoOp with gradients projected onto the early-stage "
                    "trajectory subspace, and a text-only novel-feature regulariser.", argv)
 

@@ -182,7 +182,8 @@ def trajectory_file(task: Task, cfg: dict, nfl: tuple[list[str], list[str]] | No
                       items_digest(task.dataset.train), task.shots, task.seed, option(cfg, "n_ctx"),
                       option(cfg, "ctx_init"), option(cfg, "csc"), option(cfg, "class_token_position"),
                       option(cfg, "batch_size"), epochs_for(cfg, task), cfg.get("train"), option(cfg, "cache_views"),
-                      t_early_for(cfg, task), nfl and [nfl, cfg.get("nfl_weight")]], sort_keys=True, default=str)
+                      t_early_for(cfg, task), nfl and [nfl, cfg.get("nfl_weight")],
+                      (task.extra or {}).get("schedule")], sort_keys=True, default=str)   # a study's per-run budget
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     kind = "nfl" if nfl else "coop"
     return runs_root() / "subpt" / "_trajectories" / f"{task.dataset.name}-k{task.shots}-s{task.seed}-{kind}-{digest}.pt"

@@ -9,7 +9,10 @@ from pathlib import Path
 
 from common.cli import inputs, run_cli
 from common.clip import logit_scale
-from common.engine import classification_metrics
+from common.config import load_config
+from common.engine import TrainConfig, classification_metrics
+from common.engine import convergence
+from common.engine.convergence import with_schedule
 from common.engine.dense import dense_features, dense_train_views, fit_dense_head, predict_dense, train_pool
 from common.engine.protocols import Task, run_fewshot, sweep_tags
 from papers.zeroshot_clip.method import zeroshot_weights
@@ -50,7 +53,10 @@ def fit(task: Task, alpha: float | None = None) -> VTCLIP:
     for a in alphas:
         model = build_model(task, float(a))
         out_dir = task.out_dir / f"alpha{a}" if task.out_dir is not None and len(alphas) > 1 else task.out_dir
-        fit_dense_head(model, views, cfg["train"], cfg["batch_size"], task.seed, out_dir, desc=f"vt-clip a={a}")
+        tcfg = with_schedule(TrainConfig.from_dict(dict(cfg["train"], seed=task.seed)), task)
+        hist = fit_dense_head(model, views, tcfg, cfg["batch_size"], task.seed, out_dir, desc=f"vt-clip a={a}",
+                              on_epoch_end=convergence.epoch_validation(task, lambda: top1(model, task, "val")["top1"]))
+        convergence.keep_history(model, hist)
         acc = top1(model, task, "val")["top1"] if len(alphas) > 1 else 0.0
         if acc > best_acc:  # ties keep the first (smallest listed) alpha
             best, best_acc = model, acc
@@ -85,8 +91,20 @@ def reproduce(cfg: dict) -> None:
     ablation(cfg)
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study at alpha 0.5 (16 shots, seed 1): learning rate at the 200 epochs of the config's recipe,
+    then budgets -> papers/vt_clip/convergence.json"""
+    real = load_config(CONFIG, "real")
+    return convergence.study(cfg, SLUG, SLUG, "alpha0.5", lambda tasks: [fit(t, 0.5) for t in tasks],
+                             lambda model, task: top1(model, task, "val")["top1"], int(real["train"]["epochs"]),
+                             float(real["train"]["lr"]), convergence.STUDY_DATASETS, lr_factors=(1, 3, 10),
+                             note="residual ratio 0.5; no official schedule exists (the recipe is the project's, after "
+                             "CLIP-Adapter / Tip-Adapter-F)")
+
+
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": train, "reproduce": reproduce},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": train, "reproduce": reproduce,
+                                  "convergence": convergence_cmd},
                    "VT-CLIP: visual-guided texts by cross-attention over dense image features (few-shot).", argv)
 
 
