@@ -15,7 +15,9 @@ import torch
 import json
 from common.cli import inputs, run_cli
 from common.clip import logit_scale
+from common.config import load_config
 from common.data import Dataset, build_dataset
+from common.engine import convergence
 from common.engine.cache import cache_key, items_digest
 from common.engine.evaluate import classification_metrics
 from common.engine.cells import owns, owns_dataset
@@ -192,8 +194,32 @@ def reproduce(cfg: dict) -> None:
     evaluate(cfg)
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study of the adapter on the SSL features (official Adam, 50 epochs; 16 shots, seed 1): learning
+    rate, then budgets -> papers/svl_adapter/convergence.json. The score is the SSL branch's val top-1 (what the
+    adapter is trained for); the fused variants add CLIP's fixed logits."""
+    _check(cfg)
+    official = load_config(CONFIG, "real")["adapter"]
+
+    def val_top1(adapter, task):
+        va = _ssl_feats(cfg, task.dataset.name, "val", task.dataset.val)
+        with torch.no_grad():
+            return classification_metrics(adapter(va["features"]), va["labels"])["top1"]
+
+    def fit_one(task):
+        ds, sched = task.dataset, task.extra["schedule"]
+        tr = _ssl_feats(cfg, ds.name, "train", ds.train)
+        return fit_adapter(tr["features"], tr["labels"], ds.num_classes, {**cfg["adapter"], **sched}, task.seed,
+                           desc=f"svl adapter {ds.name}", val_score=(lambda a: val_top1(a, task))
+                           if task.extra.get("on_eval") else None)
+    return convergence.study(cfg, SLUG, SLUG, "ssl", lambda tasks: [fit_one(t) for t in tasks], val_top1,
+                             int(official["epochs"]), float(official["lr"]), convergence.STUDY_DATASETS,
+                             note="the adapter MLP on the dataset's SimCLR features (the SimCLR epochs were chosen "
+                             "on val separately, config.yaml)")
+
+
 def main(argv=None):
-    cmds = {"train": train, "eval": evaluate, "reproduce": reproduce}
+    cmds = {"train": train, "eval": evaluate, "reproduce": reproduce, "convergence": convergence_cmd}
     return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in cmds.items()},
                    "SVL-Adapter: SimCLR encoder on the target images + few-shot adapter, blended with zero-shot CLIP.",
                    argv)

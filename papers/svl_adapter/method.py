@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.engine import TrainConfig, Trainer, index_batches
+from common.engine.convergence import keep_history
 
 SPACES = ("prob", "logit")
 
@@ -44,8 +45,9 @@ def all_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Te
 
 
 def fit_adapter(features: torch.Tensor, labels: torch.Tensor, num_classes: int, opts: dict, seed: int,
-                out_dir=None, desc: str = "svl adapter") -> AdapterMLP:
-    """Cross-entropy on frozen SSL features with Adam (official: lr 1e-3, 50 epochs, batch 32, no schedule)."""
+                out_dir=None, desc: str = "svl adapter", val_score=None) -> AdapterMLP:
+    """Cross-entropy on frozen SSL features with Adam (official: lr 1e-3, 50 epochs, batch 32, no schedule).
+    `val_score(adapter) -> float`: a convergence study's validation, logged after every epoch."""
     if len(features) != len(labels) or len(features) == 0:
         raise ValueError(f"adapter needs matching non-empty features/labels, got {len(features)} and {len(labels)}")
     torch.manual_seed(seed)  # the initial weights
@@ -59,10 +61,18 @@ def fit_adapter(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     def step(idx):
         return F.cross_entropy(adapter(x[idx]), y[idx])
 
-    Trainer(adapter, cfg, out_dir, desc=desc).fit(step, lambda epoch: all_batches(len(x), bs, seed, epoch))
+    def validate(epoch):
+        adapter.eval()
+        with torch.no_grad():
+            out = {"val": float(val_score(adapter))}
+        adapter.train()
+        return out
+
+    history = Trainer(adapter, cfg, out_dir, desc=desc).fit(step, lambda epoch: all_batches(len(x), bs, seed, epoch),
+                                                            validate if val_score is not None else None)
     for p in adapter.parameters():
         p.requires_grad_(False)
-    return adapter.eval()
+    return keep_history(adapter.eval(), history)
 
 
 def clip_logits(image_features: torch.Tensor, class_weights: torch.Tensor, scale: float) -> torch.Tensor:

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from common.cli import inputs, run_cli
+from common.config import load_config
+from common.engine import convergence
 from common.data import build_dataset, fewshot_split
 from common.engine import distributed
 from common.engine.evaluate import classification_metrics
@@ -158,8 +160,45 @@ def reproduce(cfg: dict) -> None:
     plot(cfg)
 
 
+def convergence_cmd(cfg: dict) -> dict:
+    """learning-rate study of end-to-end fine-tuning at the official 10 epochs on the reference set (its whole train
+    split, the paper's main setting; seed 1) -> papers/wise_ft/convergence.json. WiSE-FT's premise is about the end
+    of fine-tuning, so the official epochs are kept and only the learning rate is chosen."""
+    official = load_config(CONFIG, "real")["e2e"]
+    bundle = bundle_for(cfg)
+    ref = cfg["dg_source"]
+
+    def make_task(name, data, shots, seed):
+        ds = data if not cfg["dg_shots"] else fewshot_split(data, int(cfg["dg_shots"]), seed)
+        return Task(cfg, bundle, ds, cfg["dg_shots"], seed, None)
+
+    val_images = {}
+
+    def val_top1(model, task):
+        b, ds = task.bundle, task.dataset
+        if ds.name not in val_images:   # decoded once for the whole study
+            val_images[ds.name] = load_images(ds.val, build_transform("test", b.image_size, *mean_std(b)),
+                                              cfg["eval_batch_size"])
+        images = val_images[ds.name]
+        labels = torch.tensor([d.label for d in ds.val], dtype=torch.long)
+        return classification_metrics(predict(model, images, cfg["eval_batch_size"], b.device), labels)["top1"]
+
+    def fit_one(task):
+        ds, b = task.dataset, task.bundle
+        zs = zeroshot_model(b, ds.classnames, templates_for(ds, cfg["templates"]))
+        return finetune_end_to_end(zs, ds.train, {**cfg["e2e"], **task.extra["schedule"]}, b.image_size,
+                                   *mean_std(b), task.seed, desc=f"wise_ft e2e {ds.name}",
+                                   val_score=(lambda m: val_top1(m, task)) if task.extra.get("on_eval") else None)
+    return convergence.study(cfg, SLUG, SLUG, "e2e", lambda tasks: [fit_one(t) for t in tasks], val_top1,
+                             int(official["epochs"]), float(official["lr"]), [ref], make_task=make_task,
+                             shots=int(cfg["dg_shots"] or 0), lr_factors=(1, 3, 10, 30), fractions=(1,),
+                             note=f"end-to-end fine-tuning of the zero-shot model on {ref} "
+                             f"({'its whole train split' if not cfg['dg_shots'] else str(cfg['dg_shots']) + ' shots'}), "
+                             f"batch {cfg['e2e']['batch_size']}; shots 0 = the whole train split")
+
+
 def main(argv=None):
-    cmds = {"train": train, "eval": eval_all, "reproduce": reproduce, "plot": plot}
+    cmds = {"train": train, "eval": eval_all, "reproduce": reproduce, "plot": plot, "convergence": convergence_cmd}
     return run_cli(SLUG, CONFIG, {k: threaded(v) for k, v in cmds.items()},
                    "WiSE-FT: fine-tune zero-shot CLIP (end-to-end or linear head) and interpolate the weights.", argv,
                    validate=validate)

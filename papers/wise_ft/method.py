@@ -32,6 +32,7 @@ from common.clip import ClipBundle, logit_scale, zeroshot_classifier
 from common.data import Datum, ImageListDataset
 from common.data.images import OPENAI_MEAN, OPENAI_STD
 from common.engine import TrainConfig, Trainer, distributed, index_batches
+from common.engine.convergence import keep_history
 from common.errors import ConfigError
 
 ALPHA_DECIMALS = 6
@@ -234,9 +235,11 @@ def batch_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def finetune_end_to_end(theta0_model: ImageClassifier, items: Sequence[Datum], opts: dict, image_size: int,
-                        mean, std, seed: int, out_dir=None, desc: str = "wise_ft e2e") -> ImageClassifier:
+                        mean, std, seed: int, out_dir=None, desc: str = "wise_ft e2e",
+                        val_score=None) -> ImageClassifier:
     """Standard fine-tuning of tower + head from theta_0 with cross-entropy (optional label smoothing).
-    Returns a new model; `theta0_model` is not modified. Under torchrun: data parallel (module docstring)."""
+    Returns a new model; `theta0_model` is not modified. Under torchrun: data parallel (module docstring).
+    `val_score(model) -> float`: a convergence study's validation, logged after every epoch."""
     model = copy.deepcopy(theta0_model)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -255,10 +258,15 @@ def finetune_end_to_end(theta0_model: ImageClassifier, items: Sequence[Datum], o
         images, labels = data.load(idx)
         return batch_loss(net, images.to(device), labels.to(device), len(idx), smoothing)
 
-    Trainer(model, cfg, out_dir, desc=desc).fit(step, data.batches)
+    def validate(epoch):
+        out = {"val": float(val_score(model))}
+        model.train()
+        return out
+
+    history = Trainer(model, cfg, out_dir, desc=desc).fit(step, data.batches, validate if val_score else None)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.eval()
+    return keep_history(model.eval(), history)
 
 
 def finetune_linear(head0: ClassificationHead, features: torch.Tensor, labels: torch.Tensor, opts: dict,
