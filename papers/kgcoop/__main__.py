@@ -6,14 +6,13 @@ the same shots, seeds and schedule).
 """
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from common.cli import run_cli
 from common.engine.runs import summarize as summarize_records
 from common.config import load_config
 from common.engine import convergence
-from common.engine.protocols import Task, bundle_for, run_base2novel, run_fewshot, run_transfer
+from common.engine.protocols import BatchedFit, Task, bundle_for, run_base2novel, run_fewshot, run_transfer
 from papers.coop.method import evaluate
 
 from .method import train_kgcoop, train_kgcoop_many
@@ -25,6 +24,12 @@ BASELINE = ("coop", "m4_end_ctxv1")
 
 def fit(task: Task, weight: float | None = None):
     return train_kgcoop(task, task.cfg, weight)
+
+
+def batched_fit(cfg: dict, weight: float) -> BatchedFit:
+    """The protocols' fit: the pending seeds (and shot counts) of a dataset trained as one batched model."""
+    return BatchedFit(lambda tasks: train_kgcoop_many(tasks, cfg, weight, out_dir=tasks[0].extra.get("group_dir")),
+                      evaluate)
 
 
 def for_protocol(cfg: dict, protocol: str) -> dict:
@@ -50,7 +55,7 @@ def base2novel(cfg: dict) -> list[dict]:
     recs = []
     cfg = for_protocol(cfg, "base2novel")
     for method, variant, w in _methods(cfg):
-        recs += run_base2novel(cfg, SLUG, method, partial(fit, weight=w), evaluate, variant=variant,
+        recs += run_base2novel(cfg, SLUG, method, batched_fit(cfg, w), evaluate, variant=variant,
                                shots=cfg["b2n_shots"])
     return recs
 
@@ -60,7 +65,7 @@ def fewshot(cfg: dict) -> list[dict]:
     recs = []
     cfg = for_protocol(cfg, "fewshot")
     for method, variant, w in _methods(cfg):
-        recs += run_fewshot(cfg, SLUG, method, lambda t, w=w: evaluate(fit(t, w), t), variant=variant,
+        recs += run_fewshot(cfg, SLUG, method, batched_fit(cfg, w), variant=variant,
                             shots=cfg["fewshot_shots"])
     return recs
 
@@ -70,7 +75,7 @@ def domain_generalization(cfg: dict) -> list[dict]:
     recs = []
     cfg = for_protocol(cfg, "domain_generalization")
     for method, variant, w in _methods(cfg):
-        recs += run_transfer(cfg, SLUG, method, "domain_generalization", partial(fit, weight=w), evaluate,
+        recs += run_transfer(cfg, SLUG, method, "domain_generalization", batched_fit(cfg, w), evaluate,
                              cfg["dg_source"], cfg["dg_targets"], variant=variant, shots=cfg["dg_shots"])
     return recs
 

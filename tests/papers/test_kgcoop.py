@@ -96,6 +96,26 @@ def test_training_lowers_the_regulariser_relative_to_coop(tmp_path, tiny_vit):
     assert dist[8.0] < dist[0.0]
 
 
+def test_batched_runs_equal_separate_runs(tmp_path, tiny_vit, one_thread):
+    """The protocols train a dataset's seeds as one batched model: each run ends where it ends alone."""
+    from common.config import load_config
+    from common.data import build_dataset, fewshot_split
+    from common.engine.protocols import Task
+    from common.engine.seed import seed_everything
+    from papers.kgcoop.method import train_kgcoop, train_kgcoop_many
+    import papers.kgcoop.__main__ as m
+    cfg = load_config(m.CONFIG, "embedded", toy_overrides(tmp_path, tiny_vit, {"epochs": 3, "batch_size": 4,
+                                                                                "train.lr": 0.05})[1::2])
+    data = build_dataset("toy", cfg["data_root"])
+    tasks = [Task(cfg, tiny_vit, fewshot_split(data, k, s), k, s, None) for k, s in [(2, 1), (2, 2), (1, 1)]]
+    together = train_kgcoop_many(tasks, cfg)
+    for t, learner in zip(tasks, together):
+        seed_everything(t.seed)
+        alone = train_kgcoop(t, cfg)
+        torch.testing.assert_close(learner.ctx, alone.ctx, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(together[0].ctx, together[1].ctx)   # the runs did differ
+
+
 def test_anchor_templates_follow_the_official_code():
     d = lambda name, t="a photo of a {}.": type("D", (), {"name": name, "template": t})()
     assert anchor_template(d("dtd")) == "a photo of a {}, a type of texture."   # not CoOp's "{} texture."
