@@ -7,6 +7,7 @@ predicted class are kept, and CoOp prompts are trained on them. Variants (record
   ens     UPL: N prompts (seeds) trained on the pseudo-labels of `arch`, their logits averaged at test
   single  one prompt (the first of `ens`'s N): the fairness baseline of the official issue #4
   star    UPL*: N prompts on pseudo-labels from the logits of every model of `pseudo_models` averaged
+  ens_ctxv1  ablation: `ens` with the context initialised from "a photo of a" (M = 4) instead of random
 
 A run's N prompts, for every seed and variant of a dataset, train together as one batched model
 (papers.coop.method.train_coop_many). Zero-shot CLIP and few-shot CoOp come from their own folders' runs.
@@ -34,7 +35,8 @@ from .method import (RANK_BY, ensemble_weights, member_seeds, pseudo_label, pseu
 SLUG = "upl"
 CONFIG = Path(__file__).with_name("config.yaml")
 PROTOCOL = "unsupervised"
-VARIANTS = ("ens", "single", "star")
+VARIANTS = ("ens", "single", "star", "ens_ctxv1")
+CTXV1 = "a photo of a"
 
 
 # ------------------------------------------------------------------------------------------- options
@@ -84,6 +86,15 @@ def source_of(variant: str) -> str:
     return "multi" if variant == "star" else "main"
 
 
+def recipe_of(variant: str) -> tuple[str, str]:
+    """(label source, context init) of a variant's prompts: variants with the same recipe share prompts."""
+    return source_of(variant), "ctxv1" if variant == "ens_ctxv1" else "cfg"
+
+
+def recipe_cfg(cfg: dict, recipe: tuple[str, str]) -> dict:
+    return {**cfg, "ctx_init": CTXV1} if recipe[1] == "ctxv1" else cfg
+
+
 def prompts_of(cfg: dict, variant: str) -> int:
     return 1 if variant == "single" else int(cfg["n_prompts"])
 
@@ -110,23 +121,27 @@ def run_unsupervised(cfg: dict, datasets: list[str] | None = None, variants: lis
             variant = "star" if src == "multi" else "ens"
             with torch_threads(option(cfg, "threads")):
                 labels[src] = pseudo_label(pseudo_bundles(cfg, variant), full, k, cfg["rank_by"])
-        # the prompts to train: (label source, member seed); `single` is the first prompt of `ens`
-        need: dict[tuple[str, int], None] = {}
+        # the prompts to train: (recipe, member seed); `single` is the first prompt of `ens`. Prompts of the same
+        # context init (every seed and label source) train together as one batched model.
+        need: dict[tuple, None] = {}
         for v, s in todo:
             for m in member_seeds(s, n_max)[:prompts_of(cfg, v)]:
-                need[(source_of(v), m)] = None
-        keys = list(need)
-        tasks = [Task(cfg, bundle, labels[src].dataset, k, m, None) for src, m in keys]
-        cells = sorted({(0 if src == "main" else 1, m) for src, m in keys})
-        gdir = group_dir(cfg, SLUG, PROTOCOL, name, SLUG, "all", cells)
-        learners = dict(zip(keys, train_coop_many(tasks, cfg, out_dir=gdir,
-                                                  desc=f"upl x{len(tasks)} {name}")))
-        (gdir / "checkpoint.pt").unlink(missing_ok=True)
+                need[(recipe_of(v), m)] = None
+        learners = {}
+        for init in dict.fromkeys(r[1] for r, _ in need):
+            keys = [(r, m) for r, m in need if r[1] == init]
+            rcfg = recipe_cfg(cfg, keys[0][0])
+            tasks = [Task(rcfg, bundle, labels[r[0]].dataset, k, m, None) for r, m in keys]
+            cells = sorted({(0 if r[0] == "main" else 1, m) for r, m in keys})
+            gdir = group_dir(cfg, SLUG, PROTOCOL, name, SLUG, init, cells)
+            trained = train_coop_many(tasks, rcfg, out_dir=gdir, desc=f"upl {init} x{len(tasks)} {name}")
+            (gdir / "checkpoint.pt").unlink(missing_ok=True)
+            learners.update(dict(zip(keys, trained)))
         wall = (time.time() - t0) / len(todo)
         test_task = Task(cfg, bundle, full, None, 0, None)
         chunk = int(option(cfg, "eval_chunk"))
         for v, s in todo:
-            members = [learners[(source_of(v), m)] for m in member_seeds(s, n_max)[:prompts_of(cfg, v)]]
+            members = [learners[(recipe_of(v), m)] for m in member_seeds(s, n_max)[:prompts_of(cfg, v)]]
             ckpt = checkpoint_dir(cfg, SLUG, PROTOCOL, name, SLUG, None, s, v)
             ckpt.mkdir(parents=True, exist_ok=True)
             for i, learner in enumerate(members):

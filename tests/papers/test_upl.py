@@ -10,7 +10,7 @@ from common.data import Datum, build_dataset
 from common.engine import load_records
 from common.engine.cache import cached_features
 from common.engine.protocols import Task
-from papers.coop.method import PromptLearner, coop_logits, train_coop_many
+from papers.coop.method import PromptLearner, coop_logits, load_learner, train_coop_many
 from papers.upl.method import (POOL_SPLIT, ensemble_weights, member_seeds, pool_logits, pseudo_dataset, pseudo_label,
                                pseudo_label_quality, select_top_k, unlabeled_pool)
 from tests.fixtures.toy import write_toy
@@ -162,10 +162,15 @@ def test_reproduce_eval_and_bad_input_smoke(tmp_path, tiny_rn, tiny_vit, capsys)
     sets += ["--set", f"pseudo_models=[tiny-rn={tmp_path / 'tiny-rn.pt'},tiny-vit={vit}]"]
     upl_main.main(["reproduce", *sets])
     recs = load_records(paper="upl", protocol="unsupervised")
-    assert sorted((r["variant"], r["seed"]) for r in recs) == [(v, s) for v in ("ens", "single", "star") for s in (1, 2)]
+    assert sorted((r["variant"], r["seed"]) for r in recs) == [(v, s) for v in ("ens", "ens_ctxv1", "single", "star")
+                                                                for s in (1, 2)]
     assert all(r["shots"] is None and {"top1", "pseudo_acc", "pool_acc"} <= set(r["metrics"]) for r in recs)
     assert {r["n_prompts"] for r in recs if r["variant"] == "single"} == {1}
     assert {r["n_prompts"] for r in recs if r["variant"] != "single"} == {2}
+    # the init ablation's prompts start from "a photo of a" (M = 4); the others from 16 random vectors
+    ckpts = tmp_path / "runs" / "upl" / "_checkpoints"
+    assert {p.parent.parent.parent.name: load_learner(p, tiny_rn).n_ctx
+            for p in ckpts.rglob("prompt_0.pt")} == {"upl-ens": 16, "upl-single": 16, "upl-star": 16, "upl-ens_ctxv1": 4}
     assert not list((tmp_path / "runs").rglob("checkpoint.pt"))
     evals = upl_main.main(["eval", *sets])
     stored = {(r["variant"], r["seed"]): r["metrics"]["top1"] for r in recs}
