@@ -144,11 +144,15 @@ class Report:
                f"({record['backbone']}). From `convergence.json` (`python -m papers.{slug} convergence`): first the "
                f"learning rate, official x {', '.join(f'{f:g}' for f in record['lr_factors'])} at the official "
                f"{record['official_epochs']} epochs, chosen on validation accuracy (official unless another is better "
-               f"by more than {record['tolerance']:g} point); then budgets at that rate, each a full schedule.", "",
-               md_table(["lr factor"] + [f"x{float(f):g}" for f in record["mean_val_by_lr"]],
-                        [["mean val top-1 (%)"] + [fmt(v) for v in record["mean_val_by_lr"].values()]]), "",
+               f"by more than {record['tolerance']:g} point); then "
+               + ("budgets at that rate, each a full schedule." if len(record["mean_val"]) > 1 else
+                  "the official budget alone (the paper's claims are about late training, so its schedule is kept).")
+               + (f" Setting: {record['note']}." if record.get("note") else ""), "",
+               md_table(["lr factor"] + [f"x{float(f):g}" for f in sorted(record["mean_val_by_lr"], key=float)],
+                        [["mean val score (%)"] + [fmt(record["mean_val_by_lr"][f])
+                                                   for f in sorted(record["mean_val_by_lr"], key=float)]]), "",
                md_table(["budget (epochs)"] + [str(e) for e in sorted(record["mean_val"], key=int)],
-                        [["mean val top-1 (%)"] + [fmt(record["mean_val"][e]) for e in sorted(record["mean_val"], key=int)]]
+                        [["mean val score (%)"] + [fmt(record["mean_val"][e]) for e in sorted(record["mean_val"], key=int)]]
                         + [[d] + [fmt(record["datasets"][d]["final"][e]["val"]) for e in
                                   sorted(record["mean_val"], key=int)] for d in sorted(record["datasets"])]), "",
                f"Chosen: lr x{record['lr_factor']:g} = {record['lr']:g}; the smallest budget within "
