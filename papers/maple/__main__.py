@@ -25,29 +25,31 @@ from .method import MODES, MaPLeLearner, build_learner, evaluate, train_maple
 SLUG = "maple"
 CONFIG = Path(__file__).with_name("config.yaml")
 PROTOCOLS = ("base2novel", "ablation", "cross_dataset", "domain_generalization")
-# the prompting designs of the paper's ablation table, as overrides of the MaPLe config
-DESIGNS = {"maple": {}, "maple_shallow": {"depth": 1}, "ivlp": {"mode": "ivlp"}, "vpt_deep": {"mode": "vpt"},
-           "language_deep": {"mode": "language"}}
-MODE_METHOD = {"maple": "maple", "ivlp": "ivlp", "vpt": "vpt_deep", "language": "language_deep"}
 
 
 def method_name(cfg: dict) -> str:
-    """Record method of a config: the design's name (maple, maple_shallow, ivlp, vpt_deep, language_deep);
-    a depth other than the profile's main one is a variant `depth{J}`."""
-    mode = cfg.get("mode") or "maple"
-    return "maple_shallow" if mode == "maple" and int(cfg["depth"]) == 1 else MODE_METHOD[mode]
+    """Record method of a top-level config (`train`): maple, or the single-branch/independent designs by mode."""
+    return {"maple": "maple", "ivlp": "ivlp", "vpt": "vpt_deep", "language": "language_deep"}[cfg.get("mode") or "maple"]
 
 
-def variant(cfg: dict, base_depth: int) -> str:
+def variant(cfg: dict) -> str:
+    """"" at the profile's depth J, else `depth{J}` (e.g. shallow MaPLe run through `train --set depth=1`)."""
     depth = int(cfg["depth"])
-    if method_name(cfg) == "maple_shallow" or depth == base_depth:
-        return ""
-    return f"depth{depth}"
+    return "" if depth == _main_depth(cfg) else f"depth{depth}"
+
+
+def _main_depth(cfg: dict) -> int:
+    return int(load_config(CONFIG, cfg["profile"])["depth"])
 
 
 def design(cfg: dict, name: str) -> dict:
+    """The config of one prompting design of the ablation (`reproduce.ablation.designs`): its options over the
+    MaPLe config; `lr` sets train.lr."""
+    over = copy.deepcopy((cfg["reproduce"]["ablation"].get("designs") or {})[name])
     out = copy.deepcopy(cfg)
-    out.update(DESIGNS[name])
+    if "lr" in over:
+        out["train"] = {**cfg["train"], "lr": float(over.pop("lr"))}
+    out.update(over)
     return out
 
 
@@ -73,9 +75,21 @@ def validate(cfg: dict) -> list[str]:
     for p in rep.get("protocols") or []:
         if p not in PROTOCOLS:
             problems.append(f"reproduce.protocols: unknown protocol {p!r}; expected some of {PROTOCOLS}")
-    for m in ((rep.get("ablation") or {}).get("methods") or []):
-        if m not in DESIGNS:
-            problems.append(f"reproduce.ablation.methods: unknown design {m!r}; expected some of {sorted(DESIGNS)}")
+    abl = rep.get("ablation") or {}
+    designs = abl.get("designs") or {}
+    for m in abl.get("methods") or []:
+        if m not in designs:
+            problems.append(f"reproduce.ablation.methods: unknown design {m!r}; expected some of {sorted(designs)}")
+    for name, over in designs.items():
+        bad = set(over) - {"mode", "depth", "n_ctx", "lr"}
+        if bad:
+            problems.append(f"reproduce.ablation.designs.{name}: unknown options {sorted(bad)}; allowed: mode, depth, "
+                            f"n_ctx, lr")
+        if "mode" in over and over["mode"] not in MODES:
+            problems.append(f"reproduce.ablation.designs.{name}.mode must be one of {MODES}, got {over['mode']!r}")
+        for key in ("depth", "n_ctx"):
+            if key in over and (not isinstance(over[key], int) or over[key] < 1):
+                problems.append(f"reproduce.ablation.designs.{name}.{key} must be an integer >= 1, got {over[key]!r}")
     return problems
 
 
@@ -88,32 +102,28 @@ def check_model(cfg: dict, configs: list[dict]) -> None:
             build_learner(bundle, ["a"], c)
         except ValueError as err:
             from common.errors import ConfigError
-            raise ConfigError(f"{method_name(c)}: {err}") from None
+            raise ConfigError(f"{c.get('_design') or method_name(c)}: {err}") from None
 
 
 def fitter(cfg: dict) -> Fitter:
     return Fitter(cfg, train_maple)
 
 
-def base2novel(cfg: dict, base_depth: int, fit: Fitter | None = None, datasets=None, seeds=None) -> list[dict]:
-    return run_base2novel(cfg, SLUG, method_name(cfg), fit or fitter(cfg), evaluate, variant=variant(cfg, base_depth),
-                          datasets=datasets, shots=int(cfg["b2n_shots"]), seeds=seeds)
+def base2novel(cfg: dict, method: str, var: str, datasets=None, seeds=None) -> list[dict]:
+    return run_base2novel(cfg, SLUG, method, fitter(cfg), evaluate, variant=var, datasets=datasets,
+                          shots=int(cfg["b2n_shots"]), seeds=seeds)
 
 
 def train(cfg: dict) -> list[dict]:
     """base-to-novel on every dataset x seeds (train on base classes, test base and novel); writes run records"""
     check_model(cfg, [cfg])
-    return base2novel(cfg, _main_depth(cfg))
-
-
-def _main_depth(cfg: dict) -> int:
-    return int(load_config(CONFIG, cfg["profile"])["depth"])
+    return base2novel(cfg, method_name(cfg), variant(cfg))
 
 
 def eval_(cfg: dict) -> list[dict]:
     """re-evaluate the prompts kept by `train` on the base and novel test splits"""
     bundle, shots, out = bundle_for(cfg), int(cfg["b2n_shots"]), []
-    method, var = method_name(cfg), variant(cfg, _main_depth(cfg))
+    method, var = method_name(cfg), variant(cfg)
     for name in cfg["datasets"]:
         full = build_dataset(name, cfg["data_root"])
         for seed in cfg["seeds"]:
@@ -154,17 +164,19 @@ def reproduce(cfg: dict) -> None:
     """base-to-novel, the prompting-design ablation, cross-dataset transfer and domain generalisation"""
     rep = cfg["reproduce"]
     abl = rep.get("ablation") or {}
-    designs = [design(cfg, m) for m in abl.get("methods") or []] if "ablation" in rep["protocols"] else []
+    names = list(abl.get("methods") or []) if "ablation" in rep["protocols"] else []
+    designs = [{**design(cfg, m), "_design": m} for m in names]
     xd = transfer_config(cfg)
     check_model(cfg, [cfg, xd, *designs])
-    base_depth = _main_depth(cfg)
+    for d in designs:
+        d.pop("_design")
     xd_fit = fitter(xd)
     for protocol in rep["protocols"]:
         if protocol == "base2novel":
-            base2novel(cfg, base_depth)
+            base2novel(cfg, "maple", variant(cfg))
         elif protocol == "ablation":
-            for d in designs:
-                base2novel(d, base_depth, datasets=abl.get("datasets"), seeds=abl.get("seeds"))
+            for name, d in zip(names, designs):
+                base2novel(d, name, "", datasets=abl.get("datasets"), seeds=abl.get("seeds"))
         elif protocol == "cross_dataset":
             run_transfer(xd, SLUG, "maple", "cross_dataset", xd_fit, evaluate, cfg["xd_source"],
                          [d for d in cfg["datasets"] if d != cfg["xd_source"]], shots=int(cfg["b2n_shots"]),
