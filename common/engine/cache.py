@@ -120,7 +120,7 @@ def cached_features(bundle: ClipBundle, dataset_name: str, split: str, items: Se
     def compute() -> dict:
         if augmented:
             seed_everything(1000 + view, deterministic=False)
-        tf = build_transform(transform, bundle.image_size, *_mean_std(bundle))
+        tf = build_transform(transform, bundle.image_size, *mean_std(bundle))
         with distributed.alone(augmented):
             feats = encode_items(bundle, items, tf, batch_size, encode,
                                  desc=f"{dataset_name}/{split}/{kind}/v{view}")
@@ -129,7 +129,7 @@ def cached_features(bundle: ClipBundle, dataset_name: str, split: str, items: Se
     return cache.get_or_compute(key, compute, collective=not augmented)
 
 
-def _mean_std(bundle: ClipBundle):
+def mean_std(bundle: ClipBundle):
     """The normalisation the model was trained with, read from open_clip's preprocess pipeline."""
     for t in getattr(bundle.preprocess_val, "transforms", []):
         if hasattr(t, "mean") and hasattr(t, "std"):

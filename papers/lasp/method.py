@@ -314,8 +314,8 @@ def _evaluate(state: LaspPromptLearner | LaspModel, task: Task, split: str = "te
             labels = tok["labels"]
         else:  # real-size test sets: encode images through the tuned tower, nothing stored
             from common.data.images import build_transform
-            from common.engine.cache import _mean_std
-            tf = build_transform("test", task.bundle.image_size, *_mean_std(task.bundle))
+            from common.engine.cache import mean_std
+            tf = build_transform("test", task.bundle.image_size, *mean_std(task.bundle))
             feats = encode_items(task.bundle, test, tf, encode=lambda x: vit_from_tokens(visual, vit_tokens(visual, x)))
             labels = torch.tensor([d.label for d in test])
     else:

@@ -43,7 +43,7 @@ from common.clip import ClipBundle, PromptTextEncoder, encode_image_hooked, logi
 from common.clip.visual import vit_depth, vit_width
 from common.data.images import build_transform
 from common.engine import Trainer, classification_metrics, encode_items, items_digest
-from common.engine.cache import _mean_std
+from common.engine.cache import mean_std
 from common.engine.convergence import with_schedule
 from common.engine.protocols import Task
 from common.engine.seed import seed_everything
@@ -213,7 +213,7 @@ def pixels(task: Task, split: str, transform: str = "test", view: int = 0) -> di
     if key not in _PIXELS:
         if transform != "test":
             seed_everything(1000 + view, deterministic=False)
-        tf = build_transform(transform, bundle.image_size, *_mean_std(bundle))
+        tf = build_transform(transform, bundle.image_size, *mean_std(bundle))
         images = encode_items(bundle, items, tf, encode=lambda x: x.cpu(),
                               desc=f"{task.dataset.name}/{split} pixels") if items else torch.empty(0)
         if len(_PIXELS) > 64:

@@ -49,8 +49,8 @@ def pixel_stats(kind: str, bundle) -> tuple[tuple, tuple]:
     if kind == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
     if kind == "model":
-        from common.engine.cache import _mean_std
-        return _mean_std(bundle)
+        from common.engine.cache import mean_std
+        return mean_std(bundle)
     raise ValueError(f"pixel_norm must be imagenet or model, got {kind!r}")
 
 

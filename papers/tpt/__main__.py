@@ -26,7 +26,7 @@ from common.clip import logit_scale
 from common.clip.loader import check_weights
 from common.config import load_config
 from common.data import build_dataset, fewshot_split
-from common.engine.cache import _mean_std, cached_features
+from common.engine.cache import mean_std, cached_features
 from common.engine.evaluate import classification_metrics
 from common.engine.protocols import Task, bundle_for, checkpoint_dir
 from common.engine.runs import print_record, run_dir, write_record
@@ -207,7 +207,7 @@ def tpt_on_images(cfg: dict, bundle, images, draws, feats0: torch.Tensor, augmix
                   runs: list[tuple[PromptLearner, dict]], desc: str = "") -> list[torch.Tensor]:
     """(n, K) view-0 logits of each TPT run (learner, `settings`) on the images: the views of each chunk of
     images are rendered and encoded once, as one batch, and serve every run (fewer views = the first n)."""
-    mean, std = _mean_std(bundle)
+    mean, std = mean_std(bundle)
     scale = logit_scale(bundle)
     out: list[list[torch.Tensor]] = [[] for _ in runs]
     for ch in tqdm(size_chunks(images, int(cfg["chunk"])), desc=desc, leave=False, disable=not desc):
@@ -260,7 +260,7 @@ def benchmark(cfg: dict) -> list[dict]:
     for bcfg in check_backbones(cfg):
         bundle = bundle_for(bcfg)
         bundle.model.eval()
-        mean, std = _mean_std(bundle)
+        mean, std = mean_std(bundle)
         for name in cfg["benchmark"]["datasets"]:
             ds = build_dataset(name, cfg["data_root"])
             idx = stratified(ds.test, int(cfg["benchmark"]["images"]), cfg["subset_seed"])

@@ -30,8 +30,8 @@ from torchvision import transforms as T
 
 from common.clip import ClipBundle, logit_scale, zeroshot_classifier
 from common.data import Datum, ImageListDataset
-from common.data.images import OPENAI_MEAN, OPENAI_STD
 from common.engine import TrainConfig, Trainer, distributed, index_batches
+from common.engine.cache import mean_std
 from common.engine.convergence import keep_history
 from common.errors import ConfigError
 
@@ -139,14 +139,6 @@ def class_projection(source: Sequence[str], target: Sequence[str]) -> torch.Tens
 
 
 # -------------------------------------------------------------------------------------------- data
-def mean_std(bundle: ClipBundle) -> tuple[tuple, tuple]:
-    """The pixel normalisation of the bundle's preprocessing."""
-    for t in getattr(bundle.preprocess_val, "transforms", []):
-        if hasattr(t, "mean") and hasattr(t, "std"):
-            return tuple(t.mean), tuple(t.std)
-    return OPENAI_MEAN, OPENAI_STD
-
-
 def train_transform(image_size: int, mean, std, scale=(0.9, 1.0)) -> T.Compose:
     """The official fine-tuning augmentation: RandomResizedCrop(scale 0.9-1, bicubic), no flip."""
     return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
