@@ -130,7 +130,7 @@ def test_training_lowers_the_loss(tiny_rn):
     w = zeroshot_classifier(tiny_rn, NAMES, ["a photo of a {}."], cache_dir=None)
     x, y = _images(tiny_rn, 6), torch.tensor([0, 1, 2, 0, 1, 2])
     prompt = PixelPrompt("padding", 8, S, 1, torch.Generator().manual_seed(0))
-    trainer = train_prompts(tiny_rn, prompt, [VPRun(x, y, w, _schedule(8, 6, lr=1.0))], 10.0)
+    trainer = train_prompts(tiny_rn, prompt, [VPRun(x, y, w, _schedule(15, 6, lr=1.0))], 10.0)
     losses = [h["loss"] for h in trainer.history[0]]
     assert losses[-1] < losses[0]
 
