@@ -13,6 +13,8 @@ larger than every class's training set, so every image is used (the record's `sh
 """
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +28,10 @@ from common.engine import convergence
 from common.engine.batched import RunSchedule
 from common.engine.cache import cached_features
 from common.engine.convergence import with_schedule
-from common.engine.protocols import BatchedFit, Task, run_fewshot
+from common.data import Dataset, build_dataset, sample_per_class
+from common.data.splits import shots_used
+from common.engine.protocols import (BatchedFit, Task, _finish, _fit_all, _record, bundle_for, checkpoint_dir,
+                                     group_dir, record_exists, run_fewshot)
 from common.engine.threads import threaded
 
 from .method import SHAPES, PixelPrompt, VPRun, predict, scaled_size, check_prompt, text_weights, train_prompts
@@ -136,10 +141,47 @@ def evaluate_cmd(cfg: dict) -> list[dict]:
     return train(cfg)
 
 
-def linear_probe_full(cfg: dict, shots: int, datasets=None) -> list[dict]:
-    """The linear-probe baseline (papers/linear_probe, C chosen on val) on the same full-data splits."""
+def full_split(data: Dataset, shots: int, seed: int) -> Dataset:
+    """Every training image, and the few-shot protocol's validation sample (min(K, 4) = 4 per class, seeded):
+    nothing to persist (the data folder is never written), `shots_used` says how many images each class has."""
+    val = sample_per_class(data.val, 4, seed) if data.val else []
+    out = replace(data, train=list(data.train), val=val)
+    used = shots_used(out.train, shots)
+    if used:
+        out.meta = {**data.meta, "shots_used": used}
+    return out
+
+
+def run_full(cfg: dict, method: str, fit, evaluate_fn, variant: str, datasets, seeds) -> list[dict]:
+    """Full-data training (the paper's Table 1 setting) on each dataset's whole train split, top-1 on test; the
+    records are few-shot records at `full_data_shots` shots (a count above every class's size)."""
+    k = int(cfg["full_data_shots"])
+    bundle = bundle_for(cfg)
+    out = []
+    for name in datasets:
+        todo = [s for s in seeds if not record_exists(cfg, SLUG, "fewshot", name, method, k, s, variant)]
+        if not todo:
+            continue
+        t0 = time.time()
+        data = build_dataset(name, cfg["data_root"])
+        tasks = [Task(cfg, bundle, full_split(data, k, s), k, s,
+                      checkpoint_dir(cfg, SLUG, "fewshot", name, method, k, s, variant)) for s in todo]
+        states = _fit_all(fit, tasks, group_dir(cfg, SLUG, "fewshot", name, method, variant, [(k, s) for s in todo]))
+        wall = (time.time() - t0) / len(tasks)
+        for task, state in zip(tasks, states):
+            values = evaluate_fn(state, task) if evaluate_fn is not None else state
+            rec = _record(cfg, SLUG, method, variant, "fewshot", name, name, k, task.seed, values, wall,
+                          data.num_classes, task.dataset)
+            out.append(_finish(rec, task.out_dir))
+    return out
+
+
+def full_data(cfg: dict, prompt: dict, datasets, seeds) -> list[dict]:
+    """VP and the linear-probe baseline (papers/linear_probe, C chosen on val) on the same full training sets."""
     from papers.linear_probe.__main__ import fit_eval
-    return run_fewshot(cfg, SLUG, "linear_probe", fit_eval, shots=[shots], datasets=datasets)
+    fit = Fitter(cfg, prompt)
+    out = run_full(cfg, SLUG, BatchedFit(fit.fit_many, evaluate), evaluate, variant_name(prompt), datasets, seeds)
+    return out + run_full(cfg, "linear_probe", fit_eval, None, "", datasets, seeds)
 
 
 def reproduce(cfg: dict) -> None:
@@ -149,9 +191,8 @@ def reproduce(cfg: dict) -> None:
     fewshot(cfg, main, shots=plan.get("shots"), datasets=plan.get("datasets"))
     full = plan.get("full_data") or {}
     if full.get("enabled", True):
-        k = int(cfg["full_data_shots"])
-        fewshot(cfg, main, shots=[k], datasets=full.get("datasets"))
-        linear_probe_full(cfg, k, full.get("datasets"))
+        full_data(cfg, main, full.get("datasets") or plan.get("datasets") or cfg["datasets"],
+                  full.get("seeds") or cfg["seeds"])
     abl = plan.get("ablation") or {}
     for p in abl.get("prompts") or []:
         p = {**main, **p}

@@ -138,7 +138,9 @@ def test_training_lowers_the_loss(tiny_rn):
 def test_reproduce_smoke_and_bad_input(tmp_path, tiny_vit, capsys):
     args = toy_overrides(tmp_path, tiny_vit, {"shots": "[1]", "train.epochs": 2, "batch_size": 4,
                                               "full_data_shots": 1000, "reproduce.ablation.prompts":
-                                              "[{shape: random_patch, size: 30}]", "reproduce.ablation.seeds": "[1]"})
+                                              "[{shape: random_patch, size: 30}]", "reproduce.ablation.seeds": "[1]",
+                                              "reproduce.datasets": "null", "reproduce.shots": "null",
+                                              "reproduce.ablation.datasets": "null", "reproduce.ablation.shots": "null"})
     vp.main(["reproduce", *args])
     recs = load_records(paper="vp")
     got = {(r["method"], r["variant"], r["shots"]) for r in recs}
