@@ -201,26 +201,49 @@ def reproduce(cfg: dict) -> None:
         fewshot(cfg, p, shots=abl.get("shots"), datasets=abl.get("datasets"), seeds=abl.get("seeds"))
 
 
+def input_side(arch: str) -> int | None:
+    """The image side of an open_clip architecture (the embedded tiny configs included), without loading it."""
+    import open_clip
+    conf = open_clip.get_model_config(arch)
+    size = (conf or {}).get("vision_cfg", {}).get("image_size")
+    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
+
+
 def validate(cfg: dict) -> list[str]:
-    """VP's own options, checked before any work: prompt shapes and sizes, the full-data shot count."""
+    """VP's own options, checked before any work: prompt shapes and sizes at the model's input side, the template,
+    the full-data shot count, and that every dataset a reproduce plan names is one of `datasets` (so it is checked)."""
     problems = []
-    prompts = [cfg["prompt"]] + [{**cfg["prompt"], **p} for p in ((cfg.get("reproduce") or {}).get("ablation") or {})
-                                 .get("prompts") or []]
-    sides = {"tiny-rn": 64, "tiny-vit": 48}
-    side = sides.get(cfg["arch"], 224)
+    plan = cfg.get("reproduce") or {}
+    abl = plan.get("ablation") or {}
+    prompts = [cfg["prompt"]] + [{**cfg["prompt"], **p} if isinstance(p, dict) else p for p in abl.get("prompts") or []]
+    side = input_side(cfg["arch"])
     for p in prompts:
-        if not isinstance(p, dict) or set(p) - {"shape", "size", "scale_to_input"}:
-            problems.append(f"a prompt is {{shape, size[, scale_to_input]}}, got {p!r}")
+        if not isinstance(p, dict) or set(p) - {"shape", "size", "scale_to_input"} or not isinstance(p.get("size"), int):
+            problems.append(f"a prompt is {{shape: padding|fixed_patch|random_patch, size: <int, pixels at 224>}}, "
+                            f"got {p!r}")
             continue
         if p.get("shape") not in SHAPES:
             problems.append(f"prompt shape must be one of {SHAPES}, got {p.get('shape')!r}")
             continue
-        try:
-            check_prompt(p["shape"], pixel_size(p, side), side)
-        except (ValueError, TypeError) as err:
-            problems.append(f"prompt {variant_name(p)} at {side} px: {err}")
+        if side is not None:
+            try:
+                check_prompt(p["shape"], pixel_size(p, side), side)
+            except ValueError as err:
+                problems.append(f"prompt {variant_name(p)} on {cfg['arch']} ({side} px): {err}; choose a smaller "
+                                f"prompt.size")
+    template = cfg.get("template")
+    if template is not None and (not isinstance(template, str) or "{}" not in template):
+        problems.append(f"template must contain '{{}}' for the class name (or be null for the dataset's own), "
+                        f"got {template!r}")
     if int(cfg["full_data_shots"]) < 1:
         problems.append(f"full_data_shots must be >= 1, got {cfg['full_data_shots']}")
+    for where, names in (("reproduce.datasets", plan.get("datasets")),
+                         ("reproduce.full_data.datasets", (plan.get("full_data") or {}).get("datasets")),
+                         ("reproduce.ablation.datasets", abl.get("datasets"))):
+        unknown = [n for n in names or [] if n not in cfg["datasets"]]
+        if unknown:
+            problems.append(f"{where} names {unknown}, which are not in datasets {cfg['datasets']}; add them to "
+                            f"datasets (--set datasets=[...]) or drop them")
     return problems
 
 

@@ -151,7 +151,9 @@ def test_reproduce_smoke_and_bad_input(tmp_path, tiny_vit, capsys):
     full = [r for r in recs if r["shots"] == 1000 and r["method"] == "vp"][0]
     assert full["shots_used"]["min"] == 6                      # every toy training image (6 per class)
     for bad, words in ((["--set", "prompt.shape=circle"], "prompt shape"),
-                       (["--set", "prompt.size=200"], "padding size")):
+                       (["--set", "prompt.size=200"], "padding size"),
+                       (["--set", "template=a photo"], "template must contain"),
+                       (["--set", "reproduce.ablation.datasets=[emb_mnist]"], "not in datasets")):
         with pytest.raises(SystemExit) as err:
             vp.main(["train", *args, *bad])
         assert err.value.code == 2
