@@ -178,22 +178,25 @@ def group_dir(cfg, paper, protocol, dataset, method, variant, cells) -> Path:
 
 def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], dict[str, float]] | BatchedFit,
                 variant: str = "", datasets: list[str] | None = None, shots: list[int] | None = None,
-                seeds: list[int] | None = None, tags: dict | None = None) -> list[dict]:
+                seeds: list[int] | None = None, tags: dict | None = None,
+                split: Callable[[Dataset, int, int], Dataset] | None = None) -> list[dict]:
     """K-shot training on each dataset's train split, top-1 on its full test split. A :class:`BatchedFit`
-    trains the pending runs of each dataset (shot counts x seeds) as one batched model."""
+    trains the pending runs of each dataset (shot counts x seeds) as one batched model. `split(dataset, shots,
+    seed)` draws a run's training data (default: the protocol's few-shot split)."""
+    split = split or fewshot_split
     datasets = datasets or cfg["datasets"]
     jobs = [(d, k, s) for d in datasets for k in (shots or cfg["shots"]) for s in (seeds or cfg["seeds"])
             if owns(d, k, s)]
     bundle = bundle_for(cfg)
     if isinstance(fit_eval, BatchedFit):
-        return _fewshot_batched(cfg, paper, method, fit_eval, variant, jobs, bundle, tags)
+        return _fewshot_batched(cfg, paper, method, fit_eval, variant, jobs, bundle, tags, split)
     out = []
     for name, k, seed in tqdm(jobs, desc=f"{paper}/{method} few-shot"):
         if record_exists(cfg, paper, "fewshot", name, method, k, seed, variant):
             continue
         t0, _ = time.time(), take_resumed_seconds()
         full = build_dataset(name, cfg["data_root"])
-        task = Task(cfg, bundle, fewshot_split(full, k, seed), k, seed,
+        task = Task(cfg, bundle, split(full, k, seed), k, seed,
                     checkpoint_dir(cfg, paper, "fewshot", name, method, k, seed, variant))
         seed_everything(seed)
         values = fit_eval(task)
@@ -203,7 +206,7 @@ def run_fewshot(cfg: dict, paper: str, method: str, fit_eval: Callable[[Task], d
     return out
 
 
-def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle, tags=None) -> list[dict]:
+def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle, tags=None, split=fewshot_split) -> list[dict]:
     out = []
     for name in tqdm(list(dict.fromkeys(d for d, _, _ in jobs)), desc=f"{paper}/{method} few-shot (batched)"):
         cells = [(k, s) for d, k, s in jobs if d == name and not record_exists(cfg, paper, "fewshot", d, method, k, s, variant)]
@@ -211,7 +214,7 @@ def _fewshot_batched(cfg, paper, method, fit: BatchedFit, variant, jobs, bundle,
             continue
         t0, _ = time.time(), take_resumed_seconds()
         full = build_dataset(name, cfg["data_root"])
-        tasks = [Task(cfg, bundle, fewshot_split(full, k, s), k, s,
+        tasks = [Task(cfg, bundle, split(full, k, s), k, s,
                       checkpoint_dir(cfg, paper, "fewshot", name, method, k, s, variant)) for k, s in cells]
         states = _fit_all(fit, tasks, group_dir(cfg, paper, "fewshot", name, method, variant, cells))
         wall = (time.time() - t0 + take_resumed_seconds()) / len(tasks)   # the group's time, shared by its runs

@@ -13,7 +13,6 @@ larger than every class's training set, so every image is used (the record's `sh
 """
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,10 +27,9 @@ from common.engine import convergence
 from common.engine.batched import RunSchedule
 from common.engine.cache import cached_features
 from common.engine.convergence import with_schedule
-from common.data import Dataset, build_dataset, sample_per_class
+from common.data import Dataset, sample_per_class
 from common.data.splits import shots_used
-from common.engine.protocols import (BatchedFit, Task, _finish, _fit_all, _record, bundle_for, checkpoint_dir,
-                                     group_dir, record_exists, run_fewshot)
+from common.engine.protocols import BatchedFit, Task, run_fewshot
 from common.engine.threads import threaded
 
 from .method import SHAPES, PixelPrompt, VPRun, predict, scaled_size, check_prompt, text_weights, train_prompts
@@ -152,36 +150,14 @@ def full_split(data: Dataset, shots: int, seed: int) -> Dataset:
     return out
 
 
-def run_full(cfg: dict, method: str, fit, evaluate_fn, variant: str, datasets, seeds) -> list[dict]:
-    """Full-data training (the paper's Table 1 setting) on each dataset's whole train split, top-1 on test; the
-    records are few-shot records at `full_data_shots` shots (a count above every class's size)."""
-    k = int(cfg["full_data_shots"])
-    bundle = bundle_for(cfg)
-    out = []
-    for name in datasets:
-        todo = [s for s in seeds if not record_exists(cfg, SLUG, "fewshot", name, method, k, s, variant)]
-        if not todo:
-            continue
-        t0 = time.time()
-        data = build_dataset(name, cfg["data_root"])
-        tasks = [Task(cfg, bundle, full_split(data, k, s), k, s,
-                      checkpoint_dir(cfg, SLUG, "fewshot", name, method, k, s, variant)) for s in todo]
-        states = _fit_all(fit, tasks, group_dir(cfg, SLUG, "fewshot", name, method, variant, [(k, s) for s in todo]))
-        wall = (time.time() - t0) / len(tasks)
-        for task, state in zip(tasks, states):
-            values = evaluate_fn(state, task) if evaluate_fn is not None else state
-            rec = _record(cfg, SLUG, method, variant, "fewshot", name, name, k, task.seed, values, wall,
-                          data.num_classes, task.dataset)
-            out.append(_finish(rec, task.out_dir))
-    return out
-
-
 def full_data(cfg: dict, prompt: dict, datasets, seeds) -> list[dict]:
     """VP and the linear-probe baseline (papers/linear_probe, C chosen on val) on the same full training sets."""
     from papers.linear_probe.__main__ import fit_eval
-    fit = Fitter(cfg, prompt)
-    out = run_full(cfg, SLUG, BatchedFit(fit.fit_many, evaluate), evaluate, variant_name(prompt), datasets, seeds)
-    return out + run_full(cfg, "linear_probe", fit_eval, None, "", datasets, seeds)
+    fit, shots = Fitter(cfg, prompt), [int(cfg["full_data_shots"])]
+    out = run_fewshot(cfg, SLUG, SLUG, BatchedFit(fit.fit_many, evaluate), variant_name(prompt), datasets=datasets,
+                      shots=shots, seeds=seeds, split=full_split)
+    return out + run_fewshot(cfg, SLUG, "linear_probe", fit_eval, datasets=datasets, shots=shots, seeds=seeds,
+                             split=full_split)
 
 
 def reproduce(cfg: dict) -> None:
