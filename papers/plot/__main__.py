@@ -136,16 +136,16 @@ def validate(cfg: dict) -> list[str]:
     return out
 
 
-@inputs(datasets=lambda cfg: convergence.STUDY_DATASETS)
+@inputs(datasets=lambda cfg: cfg["convergence_datasets"])
 def convergence_cmd(cfg: dict) -> dict:
-    """convergence study of N=4 (16 shots, seed 1, emb_objects + emb_satellite): budgets up to the official 200
+    """convergence study of N=4 (16 shots, seed 1, on `convergence_datasets`): budgets up to the official 200
     epochs at CoOp's embedded lr factor (x10) -> papers/plot/convergence.json"""
     vcfg = with_variant(cfg, (cfg["reproduce"].get("fewshot") or [None])[0])
     real = load_config(CONFIG, "real")
     factor = float(vcfg["train"]["lr"]) / float(real["train"]["lr"])
     return convergence.study(vcfg, SLUG, SLUG, variant_name(vcfg), lambda tasks: train_plot_many(tasks, vcfg),
                              lambda learner, task: evaluate(learner, task, split="val")["top1"],
-                             int(real["epochs_by_shots"]["16"]), float(real["train"]["lr"]), convergence.STUDY_DATASETS,
+                             int(real["epochs_by_shots"]["16"]), float(real["train"]["lr"]), cfg["convergence_datasets"],
                              note=f"N=4 prompts of 16 tokens; the learning-rate factor x{factor:g} is CoOp's "
                                   f"(papers/coop/convergence.json), not searched again", lr_factors=(factor,))
 
