@@ -185,7 +185,8 @@ def plot_logits_many(cfg: dict):
 
     def logits_many(learners: Sequence[PlotPromptLearner], xs: Sequence[torch.Tensor], scale: float) -> list[tuple]:
         first = learners[0]
-        if all(l.classnames == first.classnames and l.encoder is first.encoder for l in learners):
+        if all(l.classnames == first.classnames and l.encoder.transformer is first.encoder.transformer
+               for l in learners):
             texts = list(prompt_features(first, torch.stack([l.ctx for l in learners])))
         else:
             texts = [l.class_embeddings() for l in learners]

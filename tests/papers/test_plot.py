@@ -158,6 +158,29 @@ def test_gradients_reach_only_the_prompts(tiny_rn):
     assert isinstance(moved, PlotPromptLearner) and torch.equal(moved.ctx, plot.ctx) and moved.num_classes == 2
 
 
+def test_batched_runs_train_like_separate_runs(tmp_path, tiny_vit):
+    """Three runs (shots x seeds) trained as one batched model (their prompts encoded together, each run's Sinkhorn
+    on its own batch) end where each ends alone: same contexts up to float rounding, same predictions."""
+    from common.config import load_config
+    from common.data import build_dataset, fewshot_split
+    from common.engine.protocols import Task
+    from common.engine.seed import seed_everything
+    from papers.plot.method import build_learner, evaluate, train_plot_many
+    args = toy_overrides(tmp_path, tiny_vit, {"batch_size": 4, "epochs": 3, "train.lr": 0.05, "train_pool": "full"})
+    cfg = load_config(plot_main.CONFIG, "embedded", args[1::2])
+    full = build_dataset("toy", tmp_path / "data")
+    tasks = [Task(cfg, tiny_vit, fewshot_split(full, k, s), k, s, None) for k, s in [(1, 1), (2, 1), (2, 2)]]
+    together = train_plot_many(tasks, cfg)
+    for task, learner in zip(tasks, together):
+        seed_everything(task.seed)
+        alone = train_plot_many([task], cfg)[0]
+        assert torch.allclose(alone.ctx, learner.ctx, atol=1e-5), (task.shots, task.seed)
+        seed_everything(task.seed)
+        init = build_learner(tiny_vit, task.dataset.classnames, cfg).ctx
+        assert not torch.allclose(learner.ctx, init, atol=1e-3)      # training moved the prompts
+        assert evaluate(alone, task)["top1"] == evaluate(learner, task)["top1"]
+
+
 def test_reproduce_train_eval_smoke(tmp_path, tiny_rn, tiny_vit):
     """reproduce on both towers (N=4, the two ablations, CoOp baseline on the ViT), then eval matches the records."""
     from common.clip import save_clip_checkpoint
