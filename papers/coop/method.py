@@ -317,7 +317,8 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
                     loss_fns: Sequence[LossFn] | None = None, desc: str | None = None, out_dir=None,
                     eval_fn: Callable | None = None, eval_every: int = 0, build: Callable | None = None,
                     logits_many: Callable | None = None, schedule: Callable | None = None,
-                    batch_size: int | None = None, evaluate_fn: Callable | None = None) -> list[PromptLearner]:
+                    batch_size: int | None = None, evaluate_fn: Callable | None = None,
+                    views: Callable | None = None) -> list[PromptLearner]:
     """Train CoOp-style learners on several tasks at once, as one batched model (common.engine.batched):
     each run keeps its own data, seed, schedule and learning rate, and ends where it would end alone.
 
@@ -327,7 +328,9 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
     `eval_fn(learners) -> (R,)` (optional, every `eval_every` steps): a convergence record per run.
     Methods built on CoOp pass their own `build(bundle, classnames, cfg)`, `logits_many(learners, xs, scale) ->
     [(logits, text features)]` (CoCoOp: per-image prompts), `schedule(task, n_train) -> TrainConfig` and
-    `batch_size`, and `evaluate_fn(learner, task, split=...)` for a convergence study's validation curve."""
+    `batch_size`, and `evaluate_fn(learner, task, split=...)` for a convergence study's validation curve;
+    `views(task, cfg) -> ((V, N, ...) features, (N,) labels)` replaces the cached global training views (PLOT:
+    the local features of each image), a batch being the rows of one view as `train_views` gives them."""
     from common.engine.batched import BatchedTrainer, RunSchedule, stack_parameters
     if learners is None:
         learners = []
@@ -339,7 +342,7 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
         raise ValueError("train_coop_many trains stacked copies of the parameters: a learner with gradient hooks "
                          "needs train_coop_single")
     bundle = tasks[0].bundle
-    data = [train_views(t, cfg) for t in tasks]
+    data = [(views or train_views)(t, cfg) for t in tasks]
     feats = [f.to(bundle.device) for f, _ in data]
     labels = [y.to(bundle.device) for _, y in data]
     schedule = schedule or (lambda t, n: train_config(cfg, t, n_train=n))
@@ -360,7 +363,7 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
 
     def batch_of(r: int, b) -> tuple[torch.Tensor, torch.Tensor]:
         """As `feature_batches`: each image in the cached view drawn for (seed, epoch)."""
-        V, N, _ = feats[r].shape
+        V, N = feats[r].shape[:2]
         key = (r, b.epoch)
         if key not in views:
             views.clear() if len(views) > 4 * len(tasks) else None
