@@ -2,7 +2,8 @@
 
 train        partial-label multi-label recognition: DualCoOp (class-specific positive/negative prompts, region
              aggregation, ASL over the observed labels) at every label proportion x seed, the ablations
-             (`single` prompt + threshold, `global` pooled embedding) at `ablations.label_proportions`, and the
+             (`single` prompt + threshold, `global` pooled embedding, `scale1` / `scale2` regions at 1 x / 2 x the
+             model's input size) at `ablations.label_proportions`, and the
              baselines on the same partial labels: zero-shot CLIP (hand-crafted prompt) and a linear probe with
              partial BCE; one run record per (variant, proportion, seed) with the test mAP
 zeroshot     zero-shot multi-label recognition: unified prompts trained on the seen classes, tested on the unseen
@@ -47,7 +48,8 @@ from .method import (DualPrompt, encode_regions, multi_hot, partial_labels, pred
 SLUG = "dualcoop"
 PROTOCOL = "multilabel"
 CONFIG = Path(__file__).with_name("config.yaml")
-VARIANTS = {"": {}, "single": {"single": True}, "global": {"aggregation": "global"}}
+VARIANTS = {"": {}, "single": {"single": True}, "global": {"aggregation": "global"}, "scale1": {}, "scale2": {}}
+SCALES = {"scale1": 1.0, "scale2": 2.0}   # variants reading the regions at another input scale (x the model's size)
 PROMPT_FILE = "prompt.pt"
 
 
@@ -240,11 +242,12 @@ def partial_label(cfg: dict, variant: str = "", proportions=None) -> list[dict]:
             continue
         data = load_dataset(cfg, name)
         agg = "global" if variant == "global" else "region"
+        scale = SCALES.get(variant, cfg["input_scale"])
         t0 = time.time()
-        Xtr = features(cfg, bundle, data, "train", agg, cfg["input_scale"])
+        Xtr = features(cfg, bundle, data, "train", agg, scale)
         Ytr = multi_hot(data.train, data.num_classes)
-        Xva, Yva = features(cfg, bundle, data, "val", agg, cfg["input_scale"]), multi_hot(data.val, data.num_classes)
-        Xte, Yte = features(cfg, bundle, data, "test", agg, cfg["input_scale"]), multi_hot(data.test, data.num_classes)
+        Xva, Yva = features(cfg, bundle, data, "val", agg, scale), multi_hot(data.val, data.num_classes)
+        Xte, Yte = features(cfg, bundle, data, "test", agg, scale), multi_hot(data.test, data.num_classes)
         models = fit_partial(cfg, bundle, data, variant, jobs, Xtr, Ytr,
                              out_dir=group_dir(cfg, name, f"partial{'-' + variant if variant else ''}", jobs))
         wall = (time.time() - t0) / len(jobs)

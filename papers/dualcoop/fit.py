@@ -46,6 +46,18 @@ def _run_text(template: DualPrompt, stacked: dict, runs: Sequence[int]) -> list[
     return out
 
 
+@torch.no_grad()
+def init_thresholds(template: DualPrompt, stacked: dict, feats: torch.Tensor, n: int = 256) -> None:
+    """`single` ablation: each run's threshold starts at the mean of its initial positive logits S+ over (up to)
+    the first `n` training images, so p = sigmoid(S+ - b) starts near 0.5 as the dual prompts' 2-way softmax does
+    (S+ = 100 x cosine is ~50 on CLIP features: a threshold at 0 saturates p at 1 and ASL's eps clamp then
+    passes no gradient)."""
+    runs = list(range(stacked["threshold"].shape[0]))
+    for (t_pos, _, _), r in zip(_run_text(template, stacked, runs), runs):
+        s = template.logits(feats[:n], t_pos, None, threshold=torch.zeros((), device=feats.device))[:, 1]
+        stacked["threshold"][r] = s.mean()
+
+
 def train_many(models: Sequence[DualPrompt], feats: torch.Tensor, targets: Sequence[torch.Tensor],
                tcfgs: Sequence[TrainConfig], batch_size: int, loss: dict, out_dir=None, desc: str = "dualcoop",
                threads: int | None = 1, val: tuple | None = None, val_runs: Sequence[int] = (),
@@ -76,6 +88,8 @@ def train_many(models: Sequence[DualPrompt], feats: torch.Tensor, targets: Seque
             vals.append(w * asl_loss(logits, ys[r][idx], **asl))
         return scatter_runs(torch.stack(vals), live, len(models))
 
+    if template.single:
+        init_thresholds(template, stacked, feats)
     eval_fn = None
     if val is not None and val_runs:
         vx, vy = val

@@ -285,3 +285,22 @@ def test_bad_options_are_one_line_errors(tmp_path, tiny_rn, capsys):
         main(["train"] + toy_overrides(tmp_path, tiny_rn, {"datasets": "[toy_ml]", "dg_source": None,
                                                           "dg_targets": None, "xd_source": None, "shots": "[1]"}))
     assert err.value.code == 2 and "shots" in capsys.readouterr().err
+
+
+def test_single_prompt_threshold_starts_at_the_mean_logit_and_learns(tiny_rn):
+    from papers.dualcoop.fit import _run_text, init_thresholds
+    from common.engine.batched import stack_parameters
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(10, 5, tiny_rn.embed_dim, generator=g) + 3.0     # features share a direction: S+ far from 0
+    y = (torch.rand(10, 3, generator=g) < 0.4).float()
+    build = lambda: DualPrompt(tiny_rn, NAMES, n_ctx_pos=2, single=True)
+    model = build_models(build, [1])[0]
+    stacked = {n: stack_parameters([p]) for n, p in model.named_parameters() if p.requires_grad}
+    init_thresholds(model, stacked, feats)
+    (t_pos, _, _), = _run_text(model, stacked, [0])
+    s = region_logits(feats, t_pos, t_pos)[:, 1]
+    assert stacked["threshold"][0].item() == pytest.approx(s.mean().item(), rel=1e-5) and abs(s.mean().item()) > 1
+    loss = {"gamma_neg": 2, "gamma_pos": 1, "clip": 0.05, "eps": 1e-6, "loss_w": 1.0}
+    before = model.pos.ctx.detach().clone()
+    out = train_many([model], feats, [y], [TrainConfig(epochs=2, lr=0.5, seed=1, warmup_epochs=0)], 5, loss)[0]
+    assert not torch.allclose(out.pos.ctx, before)
