@@ -1,0 +1,1 @@
+"""DualCoOp (Sun et al., NeurIPS 2022)."""
