@@ -191,7 +191,7 @@ def convergence_cmd(cfg: dict) -> dict:
                                    val_score=(lambda m: val_top1(m, task)) if task.extra.get("on_eval") else None)
     return convergence.study(cfg, SLUG, SLUG, "e2e", lambda tasks: [fit_one(t) for t in tasks], val_top1,
                              int(official["epochs"]), float(official["lr"]), [ref], make_task=make_task,
-                             shots=int(cfg["dg_shots"] or 0), lr_factors=(1, 3, 10, 30), fractions=(1,),
+                             shots=int(cfg["dg_shots"] or 0), lr_factors=(1, 10), fractions=(1,),
                              note=f"end-to-end fine-tuning of the zero-shot model on {ref} "
                              f"({'its whole train split' if not cfg['dg_shots'] else str(cfg['dg_shots']) + ' shots'}), "
                              f"batch {cfg['e2e']['batch_size']}; shots 0 = the whole train split")
