@@ -120,6 +120,8 @@ def validate(cfg: dict) -> list[str]:
     for key in ("n_samples", "epochs", "batch_size"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             out.append(f"{key} must be an integer >= 1, got {cfg.get(key)!r}")
+    if cfg.get("logvar_init") not in ("official", "token_scale"):
+        out.append(f"logvar_init must be official or token_scale, got {cfg.get('logvar_init')!r}")
     if cfg.get("eval_samples") is not None and (not isinstance(cfg["eval_samples"], int) or cfg["eval_samples"] < 1):
         out.append(f"eval_samples must be null (= n_samples) or an integer >= 1, got {cfg['eval_samples']!r}")
     if not isinstance(cfg.get("kl_weight"), (int, float)) or cfg["kl_weight"] < 0:

@@ -44,6 +44,7 @@ from papers.cocoop.method import CoCoOpPromptLearner
 from papers.coop.method import PromptLearner, encode_prompts, option, train_config, train_coop_many
 
 POSTERIORS = ("global", "conditional")
+LOGVAR_INITS = ("official", "token_scale")
 KL_WEIGHT = 0.001          # hard-coded in the official trainers/vpt.py
 
 
@@ -87,7 +88,7 @@ class VPTPromptLearner(PromptLearner):
     def __init__(self, bundle: ClipBundle, classnames: Sequence[str], n_ctx: int = 4,
                  ctx_init: str | None = "a photo of a", class_token_position: str = "end", init_std: float = 0.02,
                  n_samples: int = 10, eval_samples: int | None = None, kl_weight: float = KL_WEIGHT,
-                 eval_seed: int = 0):
+                 eval_seed: int = 0, logvar_init: str = "official"):
         if class_token_position != "end":
             raise ValueError("VPT puts the class token at the end (the official PromptLearner); got "
                              f"class_token_position={class_token_position!r}")
@@ -97,17 +98,24 @@ class VPTPromptLearner(PromptLearner):
             raise ValueError(f"n_samples and eval_samples must be >= 1, got {n_samples} and {eval_samples}")
         if kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+        if logvar_init not in LOGVAR_INITS:
+            raise ValueError(f"logvar_init must be one of {LOGVAR_INITS}, got {logvar_init!r}")
+        # official: log-variance ~ U[0, 1) (sigma 1..1.65, absolute); token_scale: the same draw in units of the
+        # initial context's variance, log var = U[0, 1) + log Var(ctx) (sigma 1..1.65 x the token scale)
+        self.logvar_init = logvar_init
+        self.logvar_shift = 0.0 if logvar_init == "official" else float(torch.log(self.ctx.detach().float().var()))
         self.n_samples, self.kl_weight, self.eval_seed = int(n_samples), float(kl_weight), int(eval_seed)
         self.eval_samples = int(eval_samples or n_samples)
         self.init_kwargs.update(n_samples=self.n_samples, eval_samples=eval_samples, kl_weight=self.kl_weight,
-                                eval_seed=self.eval_seed)
+                                eval_seed=self.eval_seed, logvar_init=logvar_init)
         self.init_kwargs.pop("csc")
         self._build_posterior(bundle)
 
     def _build_posterior(self, bundle: ClipBundle) -> None:
         d = self.encoder.width
         self.mu = nn.Parameter(torch.zeros(d, device=self.ctx.device))
-        self.logvar = nn.Parameter(torch.rand(d).to(self.ctx.device))   # official "std_posterior": U[0, 1)
+        # official "std_posterior" (a log-variance): U[0, 1), plus the token-scale shift when asked
+        self.logvar = nn.Parameter((torch.rand(d) + self.logvar_shift).to(self.ctx.device))
 
     def posterior(self, image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar): (d,) for the global posterior."""
@@ -175,6 +183,8 @@ class ConditionalVPTPromptLearner(VPTPromptLearner):
             raise ValueError(f"the posterior MLPs' hidden width is D // 2; image embedding dim {D} is too small")
         self.mu_net = MeanVarianceNet(D, D // 2, d).to(self.ctx.device)
         self.logvar_net = MeanVarianceNet(D, D // 2, d).to(self.ctx.device)
+        with torch.no_grad():
+            self.logvar_net.net[-1].bias.add_(self.logvar_shift)    # token_scale init: the same shift of log var
 
     def posterior(self, image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar): (B, d) from the normalised image features (B, D)."""
@@ -217,7 +227,8 @@ def build_learner(bundle: ClipBundle, classnames: Sequence[str], cfg: dict) -> V
                                ctx_init=cfg.get("ctx_init", "a photo of a") or None,
                                n_samples=int(cfg["n_samples"]), eval_samples=cfg.get("eval_samples"),
                                kl_weight=float(cfg.get("kl_weight", KL_WEIGHT)),
-                               eval_seed=int(cfg.get("eval_seed") or 0)).to(bundle.device)
+                               eval_seed=int(cfg.get("eval_seed") or 0),
+                               logvar_init=cfg.get("logvar_init") or "official").to(bundle.device)
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -183,3 +183,23 @@ def test_reproduce_smoke_on_toy(tmp_path, tiny_vit):
     assert not list((tmp_path / "runs").rglob("checkpoint.pt"))
     # finished runs are skipped; eval prints the seed means of the records
     assert len(vpt_main.main(["eval", *sets])) >= 2
+
+
+def test_token_scale_init_shifts_the_official_log_variance(tiny_vit):
+    torch.manual_seed(0)
+    off = VPTPromptLearner(tiny_vit, NAMES)
+    torch.manual_seed(0)
+    ts = VPTPromptLearner(tiny_vit, NAMES, logvar_init="token_scale")
+    shift = math.log(ts.ctx.detach().var().item())
+    assert shift < -5                                                      # the tiny tower's tokens are small
+    torch.testing.assert_close(ts.logvar, off.logvar + shift)              # the same U[0, 1) draw, shifted
+    sigma = (0.5 * ts.logvar).exp()
+    assert torch.all(sigma >= ts.ctx.std() * 0.999) and torch.all(sigma < ts.ctx.std() * 1.65)
+    torch.manual_seed(0)
+    c_off = ConditionalVPTPromptLearner(tiny_vit, NAMES)
+    torch.manual_seed(0)
+    c_ts = ConditionalVPTPromptLearner(tiny_vit, NAMES, logvar_init="token_scale")
+    f = torch.randn(3, tiny_vit.embed_dim)
+    torch.testing.assert_close(c_ts.posterior(f)[1], c_off.posterior(f)[1] + shift, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="logvar_init"):
+        VPTPromptLearner(tiny_vit, NAMES, logvar_init="zero")
