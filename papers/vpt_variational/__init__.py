@@ -1,0 +1,1 @@
+"""VPT: Variational prompt tuning / Bayesian Prompt Learning (Derakhshani et al., ICCV 2023)."""
