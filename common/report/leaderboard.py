@@ -34,13 +34,19 @@ from .tables import TRANSFER, fmt_pm, md_table, metric_title, metrics_for
 MAX_DATASET_COLUMNS = 8
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Entry:
     """A leaderboard row: one method setting (few-shot rows span shot counts)."""
     method: str
     variant: str
     source: str
     shots: Any          # None for fewshot rows (shots are columns there)
+
+    def __lt__(self, other: "Entry") -> bool:
+        # a method may have rows with and without a shot count in one protocol (DualCoOp's zero-shot and
+        # partial-label multi-label runs): the row without one sorts first
+        key = lambda e: (e.method, e.variant, e.source, -1 if e.shots is None else e.shots)
+        return key(self) < key(other)
 
     def label(self) -> str:
         s = self.method + (f" ({self.variant})" if self.variant else "")

@@ -108,3 +108,12 @@ def test_test_selected_rows_are_never_ranked_and_sweeps_collapse(tmp_path):
     full = (tmp_path / "out" / "leaderboard_sweeps.md").read_text()
     assert full.startswith("# Leaderboard with every sweep setting") and "wise (a0.1)" in full
     assert "[leaderboard_sweeps.md](leaderboard_sweeps.md)" in paths["md"].read_text()
+
+
+def test_rows_with_and_without_a_shot_count_in_one_protocol(tmp_path):
+    # DualCoOp: zero-shot multi-label runs (no shots) beside partial-label runs (shots = % of labels kept)
+    for s in (1, 2):
+        rec(tmp_path, "dualcoop", "a", {"mAP": 30.0 + s}, protocol="multilabel", seed=s)
+        rec(tmp_path, "dualcoop", "a", {"mAP": 40.0 + s}, protocol="multilabel", shots=10, seed=s)
+    text, m = build(tmp_path)
+    assert "| dualcoop, k=10 | 41.50 ± 0.71 |" in text and "| dualcoop | 31.50 ± 0.71 |" in text
