@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 from common.cli import inputs, run_cli
 from common.config import load_config
@@ -26,13 +27,13 @@ SLUG = "coop"
 CONFIG = Path(__file__).with_name("config.yaml")
 
 
-def with_variant(cfg: dict, name: str | None) -> dict:
+def with_variant(cfg: dict, name: str | None, paper: str = "CoOp") -> dict:
     """The config with a named variant's options applied (None: the top-level options as they are)."""
     out = copy.deepcopy(cfg)
     if name:
         variants = cfg.get("variants") or {}
         if name not in variants:
-            raise ValueError(f"unknown CoOp variant {name!r}; config.yaml variants: {sorted(variants)}")
+            raise ValueError(f"unknown {paper} variant {name!r}; config.yaml variants: {sorted(variants)}")
         out.update(copy.deepcopy(variants[name]))
     return out
 
@@ -52,18 +53,24 @@ def train(cfg: dict) -> list[dict]:
 def eval_(cfg: dict) -> list[dict]:
     """re-evaluate the prompts kept by `train` (on their test split, or on --set eval_on=DATASET)"""
     cfg = with_variant(cfg, cfg.get("variant"))
-    variant, bundle = variant_name(cfg), bundle_for(cfg)
-    out = []
+    return eval_kept_prompts(cfg, SLUG, variant_name(cfg), load_learner, evaluate)
+
+
+def eval_kept_prompts(cfg: dict, slug: str, variant: str, load: Callable, evaluate_fn: Callable) -> list[dict]:
+    """Re-evaluate the prompts a paper's `train` kept (`load(path, bundle)`) on their test split, or on
+    `eval_on`, printing each beside its run record."""
+    bundle, out = bundle_for(cfg), []
     for name in cfg["datasets"]:
         target = build_dataset(cfg.get("eval_on") or name, cfg["data_root"])
         for k in cfg["shots"]:
             for seed in cfg["seeds"]:
-                path = checkpoint_dir(cfg, SLUG, "fewshot", name, SLUG, k, seed, variant) / PROMPT_FILE
+                path = checkpoint_dir(cfg, slug, "fewshot", name, slug, k, seed, variant) / PROMPT_FILE
                 if not path.is_file():
-                    raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.coop train` "
+                    raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.{slug} train` "
                                             f"with the same options first")
-                values = evaluate(load_learner(path, bundle), Task(cfg, bundle, target, k, seed, None))
-                rec = load_records(paper=SLUG, protocol="fewshot", dataset=name, shots=k, seed=seed, variant=variant)
+                values = evaluate_fn(load(path, bundle), Task(cfg, bundle, target, k, seed, None))
+                rec = load_records(paper=slug, protocol="fewshot", dataset=name, shots=k, seed=seed, variant=variant,
+                                   backbone=cfg["arch"])
                 stored = rec[0]["metrics"]["top1"] if rec and target.name == name else None
                 print(f"{name:>16s} -> {target.name:<16s} k={k:<2d} seed={seed} top1 {values['top1']:6.2f}"
                       + (f"  (record {stored:6.2f})" if stored is not None else ""))

@@ -14,14 +14,13 @@ paper `plot`.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from common.cli import inputs, run_cli
 from common.config import load_config
-from common.data import build_dataset
-from common.engine import convergence, load_records
-from common.engine.protocols import Task, backbone_configs, bundle_for, checkpoint_dir, run_fewshot
+from common.engine import convergence
+from common.engine.protocols import backbone_configs, run_fewshot
+from papers.coop import __main__ as coop_main
 from papers.coop import method as coop
 
 from .method import (PLANS, PlotPromptLearner, evaluate, make_fitter, train_plot_many, variant_name)
@@ -32,13 +31,7 @@ CONFIG = Path(__file__).with_name("config.yaml")
 
 def with_variant(cfg: dict, name: str | None) -> dict:
     """The config with a named variant's options applied (None: the top-level options as they are)."""
-    out = copy.deepcopy(cfg)
-    if name:
-        variants = cfg.get("variants") or {}
-        if name not in variants:
-            raise ValueError(f"unknown PLOT variant {name!r}; config.yaml variants: {sorted(variants)}")
-        out.update(copy.deepcopy(variants[name]))
-    return out
+    return coop_main.with_variant(cfg, name, "PLOT")
 
 
 def fewshot(cfg: dict, shots=None, seeds=None) -> list[dict]:
@@ -55,25 +48,9 @@ def train(cfg: dict) -> list[dict]:
 def eval_(cfg: dict) -> list[dict]:
     """re-evaluate the prompts kept by `train` (on their test split, or on --set eval_on=DATASET)"""
     cfg = with_variant(cfg, cfg.get("variant"))
-    variant, bundle = variant_name(cfg), bundle_for(cfg)
-    out = []
-    for name in cfg["datasets"]:
-        target = build_dataset(cfg.get("eval_on") or name, cfg["data_root"])
-        for k in cfg["shots"]:
-            for seed in cfg["seeds"]:
-                path = checkpoint_dir(cfg, SLUG, "fewshot", name, SLUG, k, seed, variant) / coop.PROMPT_FILE
-                if not path.is_file():
-                    raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.plot train` "
-                                            f"with the same options first")
-                learner = coop.load_learner(path, bundle, PlotPromptLearner)
-                values = evaluate(learner, Task(cfg, bundle, target, k, seed, None))
-                rec = load_records(paper=SLUG, protocol="fewshot", dataset=name, shots=k, seed=seed, variant=variant,
-                                   backbone=cfg["arch"])
-                stored = rec[0]["metrics"]["top1"] if rec and target.name == name else None
-                print(f"{name:>16s} -> {target.name:<16s} k={k:<2d} seed={seed} top1 {values['top1']:6.2f}"
-                      + (f"  (record {stored:6.2f})" if stored is not None else ""))
-                out.append({"dataset": name, "eval_on": target.name, "shots": k, "seed": seed, **values})
-    return out
+    return coop_main.eval_kept_prompts(cfg, SLUG, variant_name(cfg),
+                                       lambda path, bundle: coop.load_learner(path, bundle, PlotPromptLearner),
+                                       evaluate)
 
 
 def grid_of(cfg: dict) -> dict:
