@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from common.cli import run_cli
 from common.config import load_config
@@ -47,17 +48,25 @@ def train(cfg: dict, fit: Fitter | None = None) -> list[dict]:
 
 def eval_(cfg: dict) -> list[dict]:
     """re-evaluate the prompts kept by `train` on the base and novel test splits"""
+    return eval_kept_base2novel(cfg, SLUG, SLUG, variant(cfg),
+                                lambda path, bundle: load_learner(path, bundle, CoCoOpPromptLearner), evaluate)
+
+
+def eval_kept_base2novel(cfg: dict, slug: str, method: str, var: str, load: Callable,
+                         evaluate_fn: Callable) -> list[dict]:
+    """Re-evaluate the prompts a paper's base-to-novel `train` kept (`load(path, bundle)`) on the base and novel
+    test splits, printing each beside its run record."""
     bundle, shots, out = bundle_for(cfg), int(cfg["b2n_shots"]), []
     for name in cfg["datasets"]:
         full = build_dataset(name, cfg["data_root"])  # test splits do not depend on the few-shot sample
         for seed in cfg["seeds"]:
-            path = checkpoint_dir(cfg, SLUG, "base2novel", name, SLUG, shots, seed, variant(cfg)) / PROMPT_FILE
+            path = checkpoint_dir(cfg, slug, "base2novel", name, method, shots, seed, var) / PROMPT_FILE
             if not path.is_file():
-                raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.cocoop train` first")
-            learner = load_learner(path, bundle, CoCoOpPromptLearner)
-            row = {split: evaluate(learner, Task(cfg, bundle, subsample_classes(full, split), shots, seed, None))["top1"]
+                raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.{slug} train` first")
+            learner = load(path, bundle)
+            row = {split: evaluate_fn(learner, Task(cfg, bundle, subsample_classes(full, split), shots, seed, None))["top1"]
                    for split in ("base", "new")}
-            rec = load_records(paper=SLUG, protocol="base2novel", dataset=name, seed=seed, variant=variant(cfg))
+            rec = load_records(paper=slug, protocol="base2novel", dataset=name, seed=seed, method=method, variant=var)
             stored = rec[0]["metrics"] if rec else {}
             print(f"{name:>16s} seed={seed} base {row['base']:6.2f} novel {row['new']:6.2f}"
                   + (f"  (record base {stored['base']:6.2f} novel {stored['novel']:6.2f})" if stored else ""))

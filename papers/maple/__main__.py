@@ -15,10 +15,11 @@ from pathlib import Path
 
 from common.cli import run_cli
 from common.config import load_config
-from common.data import build_dataset, fewshot_split, subsample_classes
-from common.engine import convergence, load_records
-from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_base2novel, run_transfer
-from papers.coop.method import PROMPT_FILE, Fitter, load_learner
+from common.data import fewshot_split, subsample_classes
+from common.engine import convergence
+from common.engine.protocols import Task, bundle_for, run_base2novel, run_transfer
+from papers.cocoop.__main__ import eval_kept_base2novel
+from papers.coop.method import Fitter, load_learner
 
 from .method import MODES, MaPLeLearner, build_learner, evaluate, train_maple
 
@@ -122,23 +123,8 @@ def train(cfg: dict) -> list[dict]:
 
 def eval_(cfg: dict) -> list[dict]:
     """re-evaluate the prompts kept by `train` on the base and novel test splits"""
-    bundle, shots, out = bundle_for(cfg), int(cfg["b2n_shots"]), []
-    method, var = method_name(cfg), variant(cfg)
-    for name in cfg["datasets"]:
-        full = build_dataset(name, cfg["data_root"])
-        for seed in cfg["seeds"]:
-            path = checkpoint_dir(cfg, SLUG, "base2novel", name, method, shots, seed, var) / PROMPT_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.maple train` first")
-            learner = load_learner(path, bundle, MaPLeLearner)
-            row = {split: evaluate(learner, Task(cfg, bundle, subsample_classes(full, split), shots, seed, None))["top1"]
-                   for split in ("base", "new")}
-            rec = load_records(paper=SLUG, protocol="base2novel", dataset=name, seed=seed, method=method, variant=var)
-            stored = rec[0]["metrics"] if rec else {}
-            print(f"{name:>16s} seed={seed} base {row['base']:6.2f} novel {row['new']:6.2f}"
-                  + (f"  (record base {stored['base']:6.2f} novel {stored['novel']:6.2f})" if stored else ""))
-            out.append({"dataset": name, "seed": seed, **row})
-    return out
+    return eval_kept_base2novel(cfg, SLUG, method_name(cfg), variant(cfg),
+                                lambda path, bundle: load_learner(path, bundle, MaPLeLearner), evaluate)
 
 
 def convergence_cmd(cfg: dict) -> dict:
