@@ -331,6 +331,14 @@ def stack_parameters(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
     return nn.Parameter(torch.stack([t.detach().clone() for t in tensors]))
 
 
+@torch.no_grad()
+def unstack_parameters(modules: Sequence[nn.Module], stacked: dict[str, nn.Parameter]) -> None:
+    """Copy run r's slice of every stacked parameter back into `modules[r]` (the inverse of stack_parameters)."""
+    for r, m in enumerate(modules):
+        for n, w in stacked.items():
+            m.get_parameter(n).copy_(w[r])
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-run mean of (R, B) values over the real (mask) entries of each row; rows without any give 0."""
     m = mask.to(values.dtype)
@@ -396,21 +404,15 @@ def fit_modules(modules: Sequence[nn.Module], views: Sequence[Sequence[torch.Ten
         acc = ((logits.argmax(-1) == ys).float() * 100)
         return scatter_runs(masked_mean(ce, mask), live, R), {"acc": scatter_runs(masked_mean(acc, mask), live, R)}
 
-    def write_back():
-        with torch.no_grad():
-            for r, m in enumerate(modules):
-                for n, w in stacked.items():
-                    m.get_parameter(n).copy_(w[r])
-
     def evaluate():
-        write_back()
+        unstack_parameters(modules, stacked)
         return eval_fn(modules)
 
     for m in modules:
         m.train()
     trainer = BatchedTrainer(list(stacked.values()), runs, out_dir, desc=desc)
     trainer.fit(step, evaluate if eval_fn is not None else None, eval_every)
-    write_back()
+    unstack_parameters(modules, stacked)
     for m in modules:
         m.eval()
     return trainer

@@ -331,7 +331,7 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
     `batch_size`, and `evaluate_fn(learner, task, split=...)` for a convergence study's validation curve;
     `views(task, cfg) -> ((V, N, ...) features, (N,) labels)` replaces the cached global training views (PLOT:
     the local features of each image), a batch being the rows of one view as `train_views` gives them."""
-    from common.engine.batched import BatchedTrainer, RunSchedule, stack_parameters
+    from common.engine.batched import BatchedTrainer, RunSchedule, stack_parameters, unstack_parameters
     if learners is None:
         learners = []
         for t in tasks:   # the protocol seeds each run before building it: the same initial context
@@ -392,10 +392,7 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
                              desc=desc or f"coop x{len(tasks)} {tasks[0].dataset.name}")
     with torch_threads(option(cfg, "threads")):  # tiny per-step ops: extra threads only synchronise
         trainer.fit(step, evaluate_runs, eval_every)
-    with torch.no_grad():
-        for r, learner in enumerate(learners):
-            for n, w in stacked.items():
-                learner.get_parameter(n).copy_(w[r])
+    unstack_parameters(learners, stacked)
     for learner, hist, ev in zip(learners, trainer.history, trainer.evals):
         learner.train_history, learner.val_history = hist, ev
     return learners

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from common.clip.text import encode_prompts
 from common.engine import TrainConfig
-from common.engine.batched import BatchedTrainer, RunSchedule, scatter_runs, stack_parameters
+from common.engine.batched import BatchedTrainer, RunSchedule, scatter_runs, stack_parameters, unstack_parameters
 from common.engine.seed import seed_everything
 from common.engine.threads import torch_threads
 
@@ -105,10 +105,7 @@ def train_many(models: Sequence[DualPrompt], feats: torch.Tensor, targets: Seque
     trainer = BatchedTrainer(list(stacked.values()), runs, out_dir, desc=desc)
     with torch_threads(threads):
         trainer.fit(step, eval_fn, eval_every or max(1, trainer.total // 20))
-    with torch.no_grad():
-        for r, m in enumerate(models):
-            for n, p in stacked.items():
-                m.get_parameter(n).copy_(p[r])
+    unstack_parameters(models, stacked)
     for m, hist, ev in zip(models, trainer.history, trainer.evals):
         m.train_history, m.val_history = hist, ev
     return list(models)
