@@ -12,18 +12,14 @@ from common.cli import run_cli
 from common.engine.runs import summarize as summarize_records
 from common.config import load_config
 from common.engine import convergence
-from common.engine.protocols import BatchedFit, Task, bundle_for, run_base2novel, run_fewshot, run_transfer
+from common.engine.protocols import BatchedFit, bundle_for, run_base2novel, run_fewshot, run_transfer
 from papers.coop.method import evaluate
 
-from .method import train_kgcoop, train_kgcoop_many
+from .method import train_kgcoop_many
 
 SLUG = "kgcoop"
 CONFIG = Path(__file__).with_name("config.yaml")
 BASELINE = ("coop", "m4_end_ctxv1")
-
-
-def fit(task: Task, weight: float | None = None):
-    return train_kgcoop(task, task.cfg, weight)
 
 
 def batched_fit(cfg: dict, weight: float) -> BatchedFit:
