@@ -1,0 +1,1 @@
+"""TaI-DPT (Guo et al., CVPR 2023)."""
