@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import inputs, run_cli
-from common.clip import zeroshot_classifier
+from common.clip import PromptTextEncoder, zeroshot_classifier
 from common.config import load_config
 from common.data import build_dataset
 from common.engine import TrainConfig, convergence, run_dir, write_record
@@ -188,8 +188,7 @@ def corpus(cfg: dict, bundle, data) -> dict:
     texts, targets, n_caps = caption_corpus(read_captions(cfg, data), data.classnames, parser, templates_of(cfg),
                                             int(cfg["n_default"]))
     ids = bundle.tokenizer(texts)               # truncates to the context length (official: 77 tokens)
-    model = DoubleGrainedPrompt(bundle, data.classnames[:1], n_ctx=1)
-    text = encode_caption_tokens(model.encoder, ids)
+    text = encode_caption_tokens(PromptTextEncoder(bundle.model), ids)
     return {"texts": texts, "targets": targets, "n_captions": n_caps, "text": text}
 
 
@@ -285,8 +284,8 @@ def zeroshot_mlr(cfg: dict) -> list[dict]:
         data = load_dataset(name, cfg)
         t0 = time.time()
         cor = corpus(cfg, bundle, data)
-        print(f"[{SLUG}] {name}: {cor['n_captions']} captions name a class (of {len(read_captions(cfg, data))}); "
-              f"{len(cor['targets'])} training sentences with the templates")
+        print(f"[{SLUG}] {name}: {cor['n_captions']} captions name a class; {len(cor['targets'])} training "
+              f"sentences with the templates")
         Xva, Yva = (image_features(cfg, bundle, data, "val"), multi_hot(data.val, data.num_classes)) if data.val \
             else (None, None)
         Xte, Yte = image_features(cfg, bundle, data, "test"), multi_hot(data.test, data.num_classes)
