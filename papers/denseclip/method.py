@@ -459,15 +459,21 @@ class DenseCLIP(nn.Module):
         mode the K fixed-context embeddings are encoded once and reused."""
         if self.prompting == "pre":
             return self.text(self.prompter(visual_context))
-        if not self.training and self._text_cache is not None:
+        constant = self.text.mode == "fixed"          # nothing learned on the text side: encode once
+        if (constant or not self.training) and self._text_cache is not None:
             return self._text_cache
-        t = self.text()
-        if not self.training:
+        if constant:
+            with torch.no_grad():
+                t = self.text()
+        else:
+            t = self.text()
+        if constant or not self.training:
             self._text_cache = t
         return t
 
     def train(self, mode: bool = True):
-        self._text_cache = None
+        if getattr(self, "text", None) is None or self.text.mode != "fixed":
+            self._text_cache = None
         return super().train(mode)
 
     def forward(self, images: torch.Tensor) -> dict:

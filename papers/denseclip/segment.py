@@ -116,24 +116,23 @@ def backbone_outputs(model: DenseCLIP, images: torch.Tensor, batch_size: int = 6
 
 
 class FeatureBank:
-    """Frozen-tower outputs of a set of images: view 0 = the images, view 1 (`flip`) = their horizontal flips."""
+    """Frozen-tower outputs of a set of images: view 0 = the images, view 1 (`flip`) = their horizontal flips, stored
+    one after the other (row v * N + i) so a batch of mixed views is one index per tensor."""
 
     def __init__(self, model: DenseCLIP, images: torch.Tensor, flip: bool, batch_size: int = 64):
-        self.views = [backbone_outputs(model, images, batch_size)]
+        views = [backbone_outputs(model, images, batch_size)]
         if flip:
-            self.views.append(backbone_outputs(model, images.flip(-1), batch_size))
+            views.append(backbone_outputs(model, images.flip(-1), batch_size))
+        self.n, self.n_views = len(images), len(views)
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts)   # noqa: E731
+        self.feats = [cat([v[0][i] for v in views]) for i in range(len(views[0][0]))]
+        self.z_global, self.z = cat([v[1] for v in views]), cat([v[2] for v in views])
 
     def gather(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> tuple:
         """Rows `idx`, each from its view (0 when `view` is None)."""
-        def pick(tensors):
-            if tensors[0] is None:
-                return None
-            if view is None or len(self.views) == 1:
-                return tensors[0][idx]
-            return torch.where(view.view(-1, *([1] * (tensors[0].dim() - 1))).bool(), tensors[1][idx], tensors[0][idx])
-        n_levels = len(self.views[0][0])
-        feats = [pick([v[0][i] for v in self.views]) for i in range(n_levels)]
-        return feats, pick([v[1] for v in self.views]), pick([v[2] for v in self.views])
+        rows = idx if view is None else idx + view.clamp(max=self.n_views - 1) * self.n
+        pick = lambda t: None if t is None else t.index_select(0, rows)   # noqa: E731
+        return [pick(f) for f in self.feats], pick(self.z_global), pick(self.z)
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -173,7 +172,7 @@ def fit_cached(model: DenseCLIP, bank: FeatureBank, masks: torch.Tensor, tcfg: T
     n = len(masks)
     n_batches = len(index_batches(n, batch_size, tcfg.seed, 0))
     device = next(model.parameters()).device
-    n_views = len(bank.views)
+    n_views = bank.n_views
 
     def batches(epoch):
         g = torch.Generator().manual_seed(tcfg.seed * 7919 + epoch)
