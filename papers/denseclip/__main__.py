@@ -351,21 +351,26 @@ def convergence_cmd(cfg: dict) -> dict:
     def make_task(dname, dset, shots, seed):
         return SimpleNamespace(extra={}, seed=seed, dataset=dset)
 
+    done: dict = {}     # (epochs, lr, seed) -> state: the lr grid's run at the chosen lr is the longest budget's
+
     def fit_many(tasks):
         states = []
         for t in tasks:
             sched = t.extra.get("schedule") or {}
             epochs = int(sched.get("epochs", cfg["train"]["epochs"]))
-            every = convergence.eval_every(epochs, 16) if t.extra.get("on_eval") else 0
-            model, hist = train_one(cfg, bundle, ds, data, "post", t.seed, epochs, sched.get("lr"), val_every=every)
-            r = evaluate_cached(model, data["val"].bank(model), data["val"].masks, data["ignore"])
-            states.append(keep_history(SimpleNamespace(val=miou(r["cm"])), hist if every else
-                                       [h for h in hist if "val" not in h]))
+            lr = float(sched.get("lr", cfg["train"]["lr"]))
+            key = (epochs, round(lr, 12), t.seed)
+            if key not in done:     # every run keeps its val curve (16 points on the val split), so it can be reused
+                model, hist = train_one(cfg, bundle, ds, data, "post", t.seed, epochs, lr,
+                                        val_every=convergence.eval_every(epochs, 16))
+                done[key] = keep_history(SimpleNamespace(val=[h["val"] for h in hist if "val" in h][-1]), hist)
+            states.append(done[key])
         return states
 
     return convergence.study(cfg, SLUG, SLUG, "post", fit_many, lambda s, t: s.val, official_epochs,
                              float(real["train"]["lr"]), [name], shots=None, make_task=make_task,
                              lr_factors=[float(f) for f in cfg["convergence_lr_factors"]],
+                             out=cfg["convergence_out"] or None,
                              note=f"DenseCLIP (post-model prompting, frozen tower={cfg['model']['freeze_backbone']}) "
                                   f"trained on the whole train split of {name}; the score is val mIoU")
 

@@ -321,3 +321,17 @@ def test_real_profile_fine_tunes_the_tower_on_an_ade20k_fixture(tmp_path, tiny_r
     assert {(r["method"], r["variant"]) for r in recs} == {("denseclip", "post"), ("clip_fpn", "")}
     assert all(r["n_classes"] == 150 and r["frozen_backbone"] is False for r in recs)
     assert json.loads(json.dumps(recs[0]["metrics"]))["miou"] >= 0
+
+
+def test_convergence_study_records_lr_grid_budgets_and_val_curve(tmp_path, tiny_rn, monkeypatch):
+    real = {"train": {"epochs": 4, "lr": 1e-4}}
+    monkeypatch.setattr(dc, "load_config", lambda path, profile: real)
+    out = tmp_path / "convergence.json"
+    args = _args(tmp_path, tiny_rn, {"convergence_lr_factors": "[1, 10]", "convergence_out": str(out),
+                                     "model.decoder_width": 16, "model.fpn_channels": 16})
+    dc.main(["convergence", *args])
+    rec = json.loads(out.read_text())
+    assert rec["budgets"] == [1, 2, 4] and set(rec["mean_val_by_lr"]) == {"1.0", "10.0"}
+    assert rec["justified_epochs"] in (1, 2, 4) and rec["lr"] in (1e-4, 1e-3)
+    curve = rec["datasets"]["toy_seg"]["val_curve"]
+    assert curve and curve[-1]["step"] == 4 * 1        # 2 train images at batch 2: one step per epoch
