@@ -24,7 +24,8 @@ The segmentor (official `segmentation/denseclip/denseclip.py`, `models.py`, `hea
 - **Semantic FPN**: FPN neck (1x1 laterals, nearest top-down sum, 3x3 outputs, `fpn_channels`) and FPNHead
   (per level 3x3 conv-BN-ReLU + 2x bilinear up to stride 4, summed; dropout 0.1, 1x1 classifier).
 - **Loss**: per-pixel CE of the head (ignore 255) + `aux_weight` x per-pixel CE on s / tau (tau 0.07), both upsampled
-  bilinearly to the label size (mmseg `BaseDecodeHead.losses`; the score-map term is the official `IdentityHead`).
+  bilinearly to the label size and averaged over all pixels (mmseg 0.19 `BaseDecodeHead.losses`; the score-map term
+  is the official `IdentityHead`).
 
 The baseline (`clip_fpn`, the paper's "RN50-CLIP"): the same FPN on the CLIP image tower's C2..C5, no attention
 pool, no text. Training: AdamW, poly schedule (power 0.9, min 1e-6) with linear warm-up (ratio 1e-6), norm layers
@@ -69,14 +70,12 @@ def score_map(dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """mmseg's decode-head loss: logits (n, K, h, w) resized bilinearly (align_corners=False) to the label size
-    (n, H, W), then cross-entropy averaged over the non-ignored pixels."""
+    """mmseg 0.19's decode-head loss: logits (n, K, h, w) resized bilinearly (align_corners=False) to the label size
+    (n, H, W), per-pixel cross-entropy (0 at ignored pixels), averaged over *all* pixels (`avg_non_ignore` only
+    arrived in mmseg 0.23; DenseCLIP pins 0.19)."""
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-    valid = target != ignore_index
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="none").mean()
 
 
 def denseclip_loss(out: dict, target: torch.Tensor, aux_weight: float, tau: float) -> tuple[torch.Tensor, dict]:

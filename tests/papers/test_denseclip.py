@@ -183,10 +183,11 @@ def test_param_groups_follow_the_official_paramwise_cfg(tiny_rn):
 
 
 # ----------------------------------------------------------------------------------- losses, schedule
-def test_seg_loss_ignores_255_and_upsamples_bilinearly():
+def test_seg_loss_ignores_255_averages_all_pixels_and_upsamples_bilinearly():
     logits = torch.tensor([[[[2.0]], [[0.0]]]])                    # (1, 2, 1, 1): upsampled to a constant 2x2
     target = torch.tensor([[[0, 1], [255, 255]]])
-    want = 0.5 * (-math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(1 / (math.exp(2) + 1)))
+    # mmseg 0.19: ignored pixels count 0 and the mean runs over all 4 pixels
+    want = 0.25 * (-math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(1 / (math.exp(2) + 1)))
     assert float(seg_loss(logits, target)) == pytest.approx(want, rel=1e-6)
     assert float(seg_loss(logits, torch.full((1, 2, 2), 255))) == 0.0
 
