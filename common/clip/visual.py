@@ -180,18 +180,23 @@ def resnet_feature_map(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
 
 
-def attention_pool_tokens(attnpool: nn.Module, fmap: torch.Tensor, with_position: bool = True) -> torch.Tensor:
+def attention_pool_tokens(attnpool: nn.Module, fmap: torch.Tensor, with_position: bool = True,
+                          resize: str | None = None) -> torch.Tensor:
     """All HW+1 outputs (n, 1+HW, D) of a CLIP `AttentionPool2d` run on [mean token; HW tokens] of a (n, C, h, w)
     map; [:, 0] is its usual output. `with_position=False` skips the positional embedding (MaskCLIP's
-    `attn_pooling` switch, which works at any map size)."""
+    `attn_pooling` switch, which works at any map size). `resize` ("bilinear", "bicubic") lets a map of another
+    size use the pool's spatial positions interpolated to its grid (align_corners=False; the global position is
+    kept), as DenseCLIP's `AttentionPool2d` does; without it another size is refused."""
     n, c, h, w = fmap.shape
     x = fmap.reshape(n, c, h * w).permute(2, 0, 1)                    # (HW, n, C)
     x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)           # (HW+1, n, C)
     if with_position:
         pos = attnpool.positional_embedding
         if pos.shape[0] != h * w + 1:
-            raise ValueError(f"feature map {h}x{w} does not match the attention pool's {pos.shape[0] - 1} positions; "
-                             f"encode images at the model's own resolution")
+            if resize is None:
+                raise ValueError(f"feature map {h}x{w} does not match the attention pool's {pos.shape[0] - 1} "
+                                 f"positions; encode images at the model's own resolution")
+            pos = resized_positions(pos, h, w, resize)
         x = x + pos[:, None, :].to(x.dtype)
     x, _ = F.multi_head_attention_forward(
         query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=attnpool.num_heads,
@@ -202,6 +207,19 @@ def attention_pool_tokens(attnpool: nn.Module, fmap: torch.Tensor, with_position
         out_proj_weight=attnpool.c_proj.weight, out_proj_bias=attnpool.c_proj.bias,
         use_separate_proj_weight=True, training=False, need_weights=False)
     return x.permute(1, 0, 2)
+
+
+def resized_positions(pos: torch.Tensor, h: int, w: int, mode: str = "bilinear") -> torch.Tensor:
+    """(1 + h*w, C) positional embedding from a (1 + s*s, C) one: the spatial s x s grid interpolated to h x w
+    (`mode`, align_corners=False), the first (global / class) position unchanged."""
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    if side * side != pos.shape[0] - 1:
+        raise ValueError(f"cannot resize {pos.shape[0] - 1} positions: not a square grid")
+    if (side, side) == (h, w):
+        return pos
+    grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(h, w), mode=mode, align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)], dim=0)
 
 
 def value_path_dense(model: nn.Module, images: torch.Tensor, keys: bool = False,

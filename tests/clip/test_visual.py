@@ -76,3 +76,22 @@ def test_vit_value_dense_mode(tiny_vit):
     assert tok.shape == val.shape and not torch.allclose(tok, val)
     with pytest.raises(ValueError, match="dense_mode"):
         encode_image_hooked(tiny_vit.model, x, return_dense=True, dense_mode="nope")
+
+
+def test_attention_pool_tokens_resize_positions(tiny_rn):
+    """`resize`: at the pool's own grid nothing changes; another grid uses the spatial positions interpolated to it
+    (the global position kept), and without `resize` another grid is refused."""
+    import torch.nn.functional as F
+    from common.clip.visual import attention_pool_tokens, resized_positions
+    pool = tiny_rn.model.visual.attnpool
+    c = pool.positional_embedding.shape[1]
+    fmap = torch.randn(2, c, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(attention_pool_tokens(pool, fmap, resize="bilinear"), attention_pool_tokens(pool, fmap))
+        pos = resized_positions(pool.positional_embedding, 4, 4, "bilinear")
+        grid = pool.positional_embedding[1:].reshape(1, 2, 2, c).permute(0, 3, 1, 2)
+        want = F.interpolate(grid, size=(4, 4), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(16, c)
+        assert torch.equal(pos[0], pool.positional_embedding[0]) and torch.allclose(pos[1:], want)
+        assert attention_pool_tokens(pool, torch.randn(1, c, 4, 4), resize="bilinear").shape[1] == 17
+    with pytest.raises(ValueError, match="does not match"):
+        attention_pool_tokens(pool, torch.randn(1, c, 4, 4))
