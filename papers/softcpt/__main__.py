@@ -6,7 +6,7 @@ train        joint multi-task few-shot training of one variant (`--set variant=<
 eval         re-evaluates the kept learners of `train` on their tasks' test splits, beside the stored records
 reproduce    every variant of `reproduce.variants` (soft sharing NATA and NATS, hard sharing CoOp-MT) on the
              few-shot grid; CoOp trained per task (the paper's CoOp-CA) comes from papers/coop's records
-convergence  the learning rate (official x 1/3/10) and the epoch budget of NATA at 16 shots, seed 1, on the whole
+convergence  the learning rate (official x 1/3/10/30) and the epoch budget of NATA at 16 shots, seed 1, on the whole
              task set -> papers/softcpt/convergence.json
 
 Methods in the run records: `softcpt` (variants nata, nats, cata, csta, cats, csts) and `coop_mt` (hard sharing,
@@ -104,8 +104,9 @@ def fewshot(cfg: dict) -> list[dict]:
 
 
 def train(cfg: dict) -> list[dict]:
-    """joint multi-task few-shot training of one variant (--set variant=NAME, default nata) on datasets x shots x
-    seeds; writes one run record per task"""
+    """joint multi-task training of one variant (--set variant=NAME, default nata) for every shots x seed
+
+    Every dataset of `datasets` is one task of the joint set; one run record per task."""
     return fewshot(with_variant(cfg, cfg.get("variant") or "nata"))
 
 
@@ -174,14 +175,16 @@ def validate(cfg: dict) -> list[str]:
 
 
 def convergence_cmd(cfg: dict) -> dict:
-    """convergence study of NATA at 16 shots, seed 1, every task jointly: lr (official x 1/3/10) at the official 50
-    epochs, then budgets -> papers/softcpt/convergence.json"""
+    """convergence study of NATA (16 shots, seed 1, all tasks jointly) -> papers/softcpt/convergence.json
+
+    The learning rate (official x 1/3/10/30) at the official 50 epochs, chosen on the tasks' mean validation accuracy,
+    then budgets (fractions of 50 epochs) at that rate."""
     vcfg = with_variant(cfg, "nata")
     real = load_config(CONFIG, "real")
     datasets = list(vcfg["datasets"])
     vcfg["task_names"] = task_names(vcfg, datasets)
     official_epochs, official_lr = int(real["epochs"]), float(real["train"]["lr"])
-    shots, seed, factors = 16, 1, (1, 3, 10)
+    shots, seed, factors = 16, 1, (1, 3, 10, 30)
     bundle = bundle_for(vcfg)
     record = {"paper": SLUG, "method": SLUG, "variant": variant_name(vcfg), "backbone": vcfg["arch"],
               "checkpoint": bundle.checkpoint_id, "profile": vcfg["profile"], "shots": shots, "seed": seed,
