@@ -201,7 +201,7 @@ def convergence_cmd(cfg: dict) -> dict:
         eval_fn = every = None
         if curve_of is not None:
             def eval_fn(learner):
-                w = task_weights(learner)
+                w = task_weights(learner, runs=[curve_of])
                 return torch.tensor([sum(m["top1"] for m in evaluate_run(learner, runs[r], r, split="val", weights=w))
                                      / len(datasets) if r == curve_of else 0.0 for r in range(len(runs))])
             n_train = sum(len(t.dataset.train) for t in runs[0].tasks)

@@ -406,10 +406,14 @@ def train_joint_many(runs: Sequence[JointRun], cfg: dict, out_dir=None, learner:
 # ------------------------------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
-def task_weights(learner: SoftCPT, chunk: int | None = None) -> list[list[torch.Tensor]]:
-    """[run][task] -> (C_t, D) text classifier of every run and task (runs encoded one at a time)."""
-    out = []
+def task_weights(learner: SoftCPT, chunk: int | None = None, runs: Sequence[int] | None = None
+                 ) -> list[list[torch.Tensor] | None]:
+    """[run][task] -> (C_t, D) text classifier of every run (or of `runs`; None for the others) and task."""
+    out: list = []
     for r in range(learner.num_runs):
+        if runs is not None and r not in runs:
+            out.append(None)
+            continue
         emb = learner.class_embeddings(torch.tensor([r], device=learner.class_task.device))[0].float().cpu()
         out.append([emb[learner.block(t)] for t in range(len(learner.tasks))])
     return out
