@@ -205,3 +205,23 @@ def test_train_eval_reproduce_smoke(tmp_path, tiny_vit):
     assert few["vpt_shallow"]["config"]["mode"] == "vpt" and few["vpt_shallow"]["config"]["n_vis"] == 4
     rows = upt_main.main(["eval", *args])
     assert [round(r["top1"], 4) for r in rows] == [few["upt"]["metrics"]["top1"]]
+
+
+def test_runs_trained_together_equal_each_run_alone(tmp_path, tiny_vit):
+    """The batched trainer (stacked prompts and transforms, one image-tower pass per step) ends where each run ends
+    alone (dropout off: its masks come from one shared random stream)."""
+    from common.data import build_dataset, fewshot_split
+    from common.engine.protocols import Task
+    from papers.upt.method import fit_many
+    from tests.fixtures.toy import write_toy
+    write_toy(tmp_path, "toy")
+    data = build_dataset("toy", tmp_path)
+    cfg = {"mode": "upt", "n_ctx": 4, "ctx_init": "a photo of a", "dropout": 0.0, "epochs": 2, "batch_size": 4,
+           "train": {"lr": 0.05, "warmup_epochs": 0}, "threads": 1, "eval_batch_size": 64}
+    tasks = lambda: [Task(cfg, tiny_vit, fewshot_split(data, k, s), k, s, None) for k, s in ((2, 1), (1, 2))]
+    together = fit_many(tasks(), cfg)
+    alone = [fit_many([t], cfg)[0] for t in tasks()]
+    for a, b in zip(together, alone):
+        sa, sb = a.trained_state(), b.trained_state()
+        assert set(sa) == set(sb) and all(torch.allclose(sa[n], sb[n], atol=1e-5) for n in sa)
+    assert not torch.allclose(together[0].unified, together[1].unified)
