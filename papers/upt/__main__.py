@@ -108,11 +108,12 @@ def reproduce(cfg: dict) -> None:
     plan = cfg["reproduce"]
     abl = plan.get("ablation") or {}
     methods = list(plan.get("methods") or [])
+    dg_methods = list(plan.get("dg_methods") or []) if "domain_generalization" in plan["protocols"] else []
     ablation = list(abl.get("methods") or []) if "ablation" in plan["protocols"] else []
-    configs = {m: method_config(cfg, m) for m in methods + ablation if m != "coop"}
+    configs = {m: method_config(cfg, m) for m in methods + dg_methods + ablation if m != "coop"}
     check_model(cfg, list(configs.values()))
     fits = {m: fitter(c) for m, c in configs.items()}
-    ccfg = coop_config(cfg) if "coop" in methods else None
+    ccfg = coop_config(cfg) if "coop" in methods + dg_methods else None
     coop_fit = Fitter(ccfg) if ccfg is not None else None
     grid = {k: plan.get(k) for k in ("shots", "datasets", "seeds")}
     for protocol in plan["protocols"]:
@@ -123,7 +124,7 @@ def reproduce(cfg: dict) -> None:
                 else:
                     fewshot(configs[m], fits[m], **grid)
         elif protocol == "domain_generalization":
-            for m in methods:
+            for m in dg_methods:
                 if m == "coop":
                     run_transfer(ccfg, SLUG, "coop", protocol, coop_fit, coop_evaluate, cfg["dg_source"],
                                  cfg["dg_targets"], variant=coop_variant(ccfg), seeds=plan.get("seeds"))
@@ -157,7 +158,7 @@ def validate(cfg: dict) -> list[str]:
     for p in plan.get("protocols") or []:
         if p not in PROTOCOLS:
             problems.append(f"reproduce.protocols: unknown protocol {p!r}; expected some of {PROTOCOLS}")
-    for where, names in (("reproduce.methods", plan.get("methods")),
+    for where, names in (("reproduce.methods", plan.get("methods")), ("reproduce.dg_methods", plan.get("dg_methods")),
                          ("reproduce.ablation.methods", (plan.get("ablation") or {}).get("methods"))):
         for m in names or []:
             if m not in METHODS:

@@ -124,7 +124,8 @@ def test_bad_options_fail_in_one_line(tmp_path, tiny_vit, capsys):
 
 def test_reproduce_smoke(tmp_path, tiny_vit):
     args = toy_overrides(tmp_path, tiny_vit, {"sources": "[toy]", "targets": "[toy_shift]", "epochs": 2,
-                                              "source.shots": 2, "shots": "[1]"})
+                                              "source.shots": 2, "shots": "[1]",
+                                              "reproduce.shots": "null"})
     mvlpt_main.main(["reproduce", *args])
     recs = load_records(paper="mvlpt")
     assert sorted({(r["method"], r["dataset"]) for r in recs}) == [

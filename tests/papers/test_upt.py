@@ -190,7 +190,10 @@ def test_bad_options_fail_in_one_line_before_work(tmp_path, tiny_vit, capsys):
 
 def test_train_eval_reproduce_smoke(tmp_path, tiny_vit):
     args = toy_overrides(tmp_path, tiny_vit, {"epochs": 2, "batch_size": 4, "shots": "[2]",
-                                              "reproduce.ablation.methods": "[upt_mix]"})
+                                              "reproduce.ablation.methods": "[upt_mix]", "reproduce.shots": "null",
+                                              "reproduce.datasets": "null", "reproduce.ablation.datasets": "null",
+                                              "reproduce.ablation.shots": "null",
+                                              "reproduce.dg_methods": "[upt, vpt_shallow, coop]"})
     upt_main.main(["reproduce", *args])
     recs = load_records(paper="upt")
     assert sorted({(r["protocol"], r["method"], r["dataset"]) for r in recs}) == [
