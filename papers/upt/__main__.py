@@ -116,6 +116,7 @@ def reproduce(cfg: dict) -> None:
     ccfg = coop_config(cfg) if "coop" in methods + dg_methods else None
     coop_fit = Fitter(ccfg) if ccfg is not None else None
     grid = {k: plan.get(k) for k in ("shots", "datasets", "seeds")}
+    dg_seeds = plan.get("dg_seeds") or plan.get("seeds")
     for protocol in plan["protocols"]:
         if protocol == "fewshot":
             for m in methods:
@@ -127,10 +128,10 @@ def reproduce(cfg: dict) -> None:
             for m in dg_methods:
                 if m == "coop":
                     run_transfer(ccfg, SLUG, "coop", protocol, coop_fit, coop_evaluate, cfg["dg_source"],
-                                 cfg["dg_targets"], variant=coop_variant(ccfg), seeds=plan.get("seeds"))
+                                 cfg["dg_targets"], variant=coop_variant(ccfg), seeds=dg_seeds)
                 else:
                     run_transfer(configs[m], SLUG, m, protocol, fits[m], evaluate, cfg["dg_source"],
-                                 cfg["dg_targets"], variant=variant_of(configs[m]), seeds=plan.get("seeds"))
+                                 cfg["dg_targets"], variant=variant_of(configs[m]), seeds=dg_seeds)
         elif protocol == "ablation":
             for m in ablation:
                 fewshot(configs[m], fits[m], shots=abl.get("shots"), datasets=abl.get("datasets"),
@@ -155,6 +156,10 @@ def validate(cfg: dict) -> list[str]:
     if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
         problems.append(f"vpt.lr must be a positive number (or null for train.lr), got {lr!r}")
     plan = cfg.get("reproduce") or {}
+    dg_seeds = plan.get("dg_seeds")
+    if dg_seeds is not None and (not isinstance(dg_seeds, list) or not dg_seeds
+                                 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in dg_seeds)):
+        problems.append(f"reproduce.dg_seeds must be a non-empty list of seeds (or null for seeds), got {dg_seeds!r}")
     for p in plan.get("protocols") or []:
         if p not in PROTOCOLS:
             problems.append(f"reproduce.protocols: unknown protocol {p!r}; expected some of {PROTOCOLS}")
