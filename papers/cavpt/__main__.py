@@ -17,7 +17,7 @@ from pathlib import Path
 from common.cli import inputs, run_cli
 from common.config import load_config
 from common.engine import convergence
-from common.engine.protocols import Task, bundle_for, run_base2novel, run_fewshot
+from common.engine.protocols import bundle_for, run_base2novel, run_fewshot, run_transfer
 from common.errors import ConfigError
 from papers.coop import method as coop
 from papers.coop.__main__ import eval_kept_prompts
@@ -27,7 +27,7 @@ from .method import MODES, DPTLearner, build_learner, evaluate, train_dpt
 SLUG = "cavpt"
 CONFIG = Path(__file__).with_name("config.yaml")
 COOP_CONFIG = Path(coop.__file__).with_name("config.yaml")
-PROTOCOLS = ("fewshot", "base2novel", "ablation")
+PROTOCOLS = ("fewshot", "base2novel", "ablation", "domain_generalization")
 DESIGN_KEYS = {"mode", "alpha", "gkg_fraction", "cpn", "vpt_tokens", "cavpt_layers"}
 
 
@@ -92,9 +92,9 @@ def fitter(cfg: dict) -> coop.Fitter:
     return coop.Fitter(cfg, train_dpt)
 
 
-def fewshot(cfg: dict, method: str, grid: dict | None = None) -> list[dict]:
+def fewshot(cfg: dict, method: str, grid: dict | None = None, fit: coop.Fitter | None = None) -> list[dict]:
     grid = {k: v for k, v in (grid or {}).items() if v}
-    return run_fewshot(cfg, SLUG, method, fitter(cfg).batched(evaluate), **grid)
+    return run_fewshot(cfg, SLUG, method, (fit or fitter(cfg)).batched(evaluate), **grid)
 
 
 def coop_config(cfg: dict) -> dict:
@@ -109,11 +109,10 @@ def coop_config(cfg: dict) -> dict:
     return ccfg
 
 
-def coop_baseline(cfg: dict, grid: dict) -> list[dict]:
+def coop_baseline(cfg: dict, grid: dict, fit: coop.Fitter) -> list[dict]:
     ccfg = coop_config(cfg)
     grid = {k: v for k, v in grid.items() if v}
-    return run_fewshot(ccfg, SLUG, "coop", coop.Fitter(ccfg).batched(coop.evaluate), variant=coop.variant_name(ccfg),
-                       **grid)
+    return run_fewshot(ccfg, SLUG, "coop", fit.batched(coop.evaluate), variant=coop.variant_name(ccfg), **grid)
 
 
 def train(cfg: dict) -> list[dict]:
@@ -130,23 +129,33 @@ def eval_(cfg: dict) -> list[dict]:
 
 
 def reproduce(cfg: dict) -> None:
-    """few-shot DPT + the CoOp baseline, the ablations (VLP, alpha = 0, C = 0) and base-to-novel"""
+    """few-shot DPT + the CoOp baseline, the ablations (VLP, alpha = 0, C = 0), base-to-novel and domain
+    generalisation (the 16-shot source runs of the few-shot grid, reused)"""
     rep = cfg["reproduce"]
     abl = rep.get("ablation") or {}
     names = list(abl.get("methods") or []) if "ablation" in rep["protocols"] else []
     designs = [design(cfg, m) for m in names]
     check_model(cfg, [cfg, *designs])
     grid = rep.get("fewshot") or {}
+    fit, ccfg = fitter(cfg), coop_config(cfg)
+    coop_fit = coop.Fitter(ccfg)
     for protocol in rep["protocols"]:
         if protocol == "fewshot":
-            fewshot(cfg, "cavpt", grid)
+            fewshot(cfg, "cavpt", grid, fit)
             if rep.get("coop_baseline"):
-                coop_baseline(cfg, grid)
+                coop_baseline(cfg, grid, coop_fit)
         elif protocol == "ablation":
             for name, d in zip(names, designs):
                 fewshot(d, name, {k: abl.get(k) for k in ("shots", "seeds", "datasets")})
         elif protocol == "base2novel":
-            run_base2novel(cfg, SLUG, "cavpt", fitter(cfg), evaluate, shots=int(cfg["b2n_shots"]))
+            run_base2novel(cfg, SLUG, "cavpt", fit, evaluate, shots=int(cfg["b2n_shots"]))
+        elif protocol == "domain_generalization":
+            shots, seeds = int(cfg["b2n_shots"]), (grid.get("seeds") or None)
+            run_transfer(cfg, SLUG, "cavpt", protocol, fit, evaluate, cfg["dg_source"], cfg["dg_targets"],
+                         shots=shots, seeds=seeds)
+            if rep.get("coop_baseline"):
+                run_transfer(ccfg, SLUG, "coop", protocol, coop_fit, coop.evaluate, cfg["dg_source"],
+                             cfg["dg_targets"], variant=coop.variant_name(ccfg), shots=shots, seeds=seeds)
 
 
 def convergence_cmd(cfg: dict) -> dict:

@@ -216,7 +216,7 @@ def dpt_loss(out: dict, labels: torch.Tensor, guidance: bool, alpha: float) -> t
             target = labels[:, None, None].expand(aux.shape[:3])[mask]
             aux_ce = F.cross_entropy(aux[mask].float(), target)
             loss = loss + alpha * aux_ce
-            logs["aux_ce"] = float(aux_ce)
+            logs["aux_ce"] = float(aux_ce.detach())
     return loss, logs
 
 

@@ -220,8 +220,8 @@ def test_train_eval_reproduce_smoke(tmp_path, tiny_vit):
     cavpt_main.main(["reproduce", *args])
     recs = load_records(paper="cavpt")
     assert sorted({(r["protocol"], r["method"], r["shots"]) for r in recs}) == [
-        ("base2novel", "cavpt", 2), ("fewshot", "cavpt", 1), ("fewshot", "cavpt_noaux", 1), ("fewshot", "coop", 1),
-        ("fewshot", "vlp", 1)]
+        ("base2novel", "cavpt", 2), ("domain_generalization", "cavpt", 2), ("domain_generalization", "coop", 2),
+        ("fewshot", "cavpt", 1), ("fewshot", "cavpt_noaux", 1), ("fewshot", "coop", 1), ("fewshot", "vlp", 1)]
     coop = [r for r in recs if r["method"] == "coop"][0]
     assert coop["variant"] == "m16_end" and coop["backbone"] == "tiny-vit"
     b2n = [r for r in recs if r["protocol"] == "base2novel"][0]
