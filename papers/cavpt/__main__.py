@@ -144,9 +144,13 @@ def reproduce(cfg: dict) -> None:
             fewshot(cfg, "cavpt", grid, fit)
             if rep.get("coop_baseline"):
                 coop_baseline(cfg, grid, coop_fit)
-        elif protocol == "ablation":
+        elif protocol == "ablation":   # DPT itself and the CoOp baseline on the ablation grid too (matched terms)
+            agrid = {k: abl.get(k) for k in ("shots", "seeds", "datasets")}
+            fewshot(cfg, "cavpt", agrid, fit)
+            if rep.get("coop_baseline"):
+                coop_baseline(cfg, agrid, coop_fit)
             for name, d in zip(names, designs):
-                fewshot(d, name, {k: abl.get(k) for k in ("shots", "seeds", "datasets")})
+                fewshot(d, name, agrid)
         elif protocol == "base2novel":
             run_base2novel(cfg, SLUG, "cavpt", fit, evaluate, shots=int(cfg["b2n_shots"]))
         elif protocol == "domain_generalization":
@@ -167,6 +171,7 @@ def convergence_cmd(cfg: dict) -> dict:
                              lambda learner, task: evaluate(learner, task, split="val")["top1"],
                              int(real["epochs"]), float(real["train"]["lr"]), cfg["convergence_datasets"],
                              lr_factors=tuple(cfg["convergence_lr_factors"]),
+                             fractions=tuple(float(f) for f in cfg["convergence_fractions"]),
                              note=f"DPT (VPT {cfg['vpt_tokens']} tokens, CAVPT K={cfg['cpn']}), batch "
                                   f"{cfg['batch_size']}, warmup {cfg['train'].get('warmup_epochs')} epochs, text lr = "
                                   f"train.lr x {cfg['text_lr'] / cfg['train']['lr']:g}; one dataset (the image tower "

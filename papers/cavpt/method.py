@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.clip import ClipBundle, encode_image_hooked, logit_scale, zeroshot_classifier
-from common.clip.text import encode_prompts
+from common.clip.text import encode_prompts, encode_shared_prefix, shared_prefix_supported
 from common.clip.visual import vit_depth, vit_width
 from common.engine import Trainer, classification_metrics, index_batches
 from common.engine import convergence
@@ -130,8 +130,17 @@ class DPTLearner(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def text_features(self) -> torch.Tensor:
-        """Learned class features z (K, D), unnormalised (the CAVPT queries read them so)."""
-        return encode_prompts(self.text.encoder, self.text(), self.text.token_ids)
+        """Learned class features z (K, D), unnormalised (the CAVPT queries read them so). CoOp's layout (unified
+        context, class token at the end) goes through the shared-prefix encoder: [SOS][ctx] once, then each class's
+        suffix (exact; the text tower is causal)."""
+        t = self.text
+        if t.position != "end" or t.csc or not shared_prefix_supported(t.encoder):
+            return encode_prompts(t.encoder, t(), t.token_ids)
+        P = 1 + t.n_ctx
+        eot = t.token_ids.argmax(-1) - P
+        S = int(eot.max()) + 1
+        prefix = torch.cat([t.token_prefix[:1], t.ctx.unsqueeze(0).to(t.token_prefix.dtype)], dim=1)
+        return encode_shared_prefix(t.encoder, prefix, t.token_suffix[:, :S].unsqueeze(0), eot)[0]
 
     @torch.no_grad()
     def select(self, zs_image: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,14 @@ def test_without_visual_prompts_the_logits_are_coops(tiny_vit):
     assert out["aux"] is None and out["indices"] is None
 
 
+def test_text_features_are_the_coop_prompts_encoded(dpt):
+    """The shared-prefix path equals the text encoder on the full CoOp prompts."""
+    from common.clip.text import encode_prompts
+    with torch.no_grad():
+        ref = encode_prompts(dpt.text.encoder, dpt.text(), dpt.text.token_ids)
+        assert torch.allclose(dpt.text_features(), ref, atol=1e-4)
+
+
 def test_cross_attention_is_softmax_qk_over_sqrt_d_times_v(tiny_vit):
     """O = W_v softmax((W_q q)(W_k X)^T / sqrt(32)) X, computed element by element."""
     torch.manual_seed(0)
@@ -215,20 +223,21 @@ def test_bad_options_fail_in_one_line_before_work(tmp_path, tiny_vit, tiny_rn, c
 
 def test_train_eval_reproduce_smoke(tmp_path, tiny_vit):
     args = toy_overrides(tmp_path, tiny_vit, {"epochs": 2, "batch_size": 4, "b2n_shots": 2, "cpn": 2,
-                                              "reproduce.fewshot.shots": "[1]", "reproduce.ablation.shots": "[1]",
+                                              "reproduce.fewshot.shots": "[1]", "reproduce.ablation.shots": "[2]",
                                               "reproduce.ablation.methods": "[vlp, cavpt_noaux]"})
     cavpt_main.main(["reproduce", *args])
     recs = load_records(paper="cavpt")
     assert sorted({(r["protocol"], r["method"], r["shots"]) for r in recs}) == [
         ("base2novel", "cavpt", 2), ("domain_generalization", "cavpt", 2), ("domain_generalization", "coop", 2),
-        ("fewshot", "cavpt", 1), ("fewshot", "cavpt_noaux", 1), ("fewshot", "coop", 1), ("fewshot", "vlp", 1)]
+        ("fewshot", "cavpt", 1), ("fewshot", "cavpt", 2), ("fewshot", "cavpt_noaux", 2), ("fewshot", "coop", 1),
+        ("fewshot", "coop", 2), ("fewshot", "vlp", 2)]
     coop = [r for r in recs if r["method"] == "coop"][0]
     assert coop["variant"] == "m16_end" and coop["backbone"] == "tiny-vit"
     b2n = [r for r in recs if r["protocol"] == "base2novel"][0]
     assert set(b2n["metrics"]) == {"base", "novel", "hm"}
     logs = list((tmp_path / "runs" / "cavpt").rglob("train_log.json"))
     assert logs and all(len(json.loads(p.read_text())) == 2 for p in logs if "coop" not in str(p))
-    rows = cavpt_main.main(["train", *args, "--set", "shots=[2]"])
+    rows = cavpt_main.main(["train", *args, "--set", "shots=[2]", "--set", "force=true"])
     assert [r["method"] for r in rows] == ["cavpt"]
     again = cavpt_main.main(["eval", *args, "--set", "shots=[2]"])
     assert [round(r["top1"], 4) for r in again] == [rows[0]["metrics"]["top1"]]
