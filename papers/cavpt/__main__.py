@@ -153,6 +153,9 @@ def reproduce(cfg: dict) -> None:
                 fewshot(d, name, agrid)
         elif protocol == "base2novel":
             run_base2novel(cfg, SLUG, "cavpt", fit, evaluate, shots=int(cfg["b2n_shots"]))
+            if rep.get("coop_baseline"):
+                run_base2novel(ccfg, SLUG, "coop", coop_fit, coop.evaluate, variant=coop.variant_name(ccfg),
+                               shots=int(cfg["b2n_shots"]))
         elif protocol == "domain_generalization":
             shots, seeds = int(cfg["b2n_shots"]), (grid.get("seeds") or None)
             run_transfer(cfg, SLUG, "cavpt", protocol, fit, evaluate, cfg["dg_source"], cfg["dg_targets"],

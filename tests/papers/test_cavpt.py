@@ -228,7 +228,7 @@ def test_train_eval_reproduce_smoke(tmp_path, tiny_vit):
     cavpt_main.main(["reproduce", *args])
     recs = load_records(paper="cavpt")
     assert sorted({(r["protocol"], r["method"], r["shots"]) for r in recs}) == [
-        ("base2novel", "cavpt", 2), ("domain_generalization", "cavpt", 2), ("domain_generalization", "coop", 2),
+        ("base2novel", "cavpt", 2), ("base2novel", "coop", 2), ("domain_generalization", "cavpt", 2), ("domain_generalization", "coop", 2),
         ("fewshot", "cavpt", 1), ("fewshot", "cavpt", 2), ("fewshot", "cavpt_noaux", 2), ("fewshot", "coop", 1),
         ("fewshot", "coop", 2), ("fewshot", "vlp", 2)]
     coop = [r for r in recs if r["method"] == "coop"][0]
