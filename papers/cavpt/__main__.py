@@ -152,10 +152,11 @@ def reproduce(cfg: dict) -> None:
             for name, d in zip(names, designs):
                 fewshot(d, name, agrid)
         elif protocol == "base2novel":
-            run_base2novel(cfg, SLUG, "cavpt", fit, evaluate, shots=int(cfg["b2n_shots"]))
+            b2n = rep.get("base2novel_datasets") or None
+            run_base2novel(cfg, SLUG, "cavpt", fit, evaluate, shots=int(cfg["b2n_shots"]), datasets=b2n)
             if rep.get("coop_baseline"):
                 run_base2novel(ccfg, SLUG, "coop", coop_fit, coop.evaluate, variant=coop.variant_name(ccfg),
-                               shots=int(cfg["b2n_shots"]))
+                               shots=int(cfg["b2n_shots"]), datasets=b2n)
         elif protocol == "domain_generalization":
             shots, seeds = int(cfg["b2n_shots"]), (grid.get("seeds") or None)
             run_transfer(cfg, SLUG, "cavpt", protocol, fit, evaluate, cfg["dg_source"], cfg["dg_targets"],
