@@ -178,7 +178,7 @@ def convergence_cmd(cfg: dict) -> dict:
                              fractions=tuple(float(f) for f in cfg["convergence_fractions"]),
                              note=f"DPT (VPT {cfg['vpt_tokens']} tokens, CAVPT K={cfg['cpn']}), batch "
                                   f"{cfg['batch_size']}, warmup {cfg['train'].get('warmup_epochs')} epochs, text lr = "
-                                  f"train.lr x {cfg['text_lr'] / cfg['train']['lr']:g}; one dataset (the image tower "
+                                  f"train.lr x {cfg['text_lr'] / cfg['train']['lr']:g}; small sets only (the image tower "
                                   f"runs every step: CPU budget)")
 
 
