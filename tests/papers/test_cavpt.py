@@ -224,7 +224,8 @@ def test_bad_options_fail_in_one_line_before_work(tmp_path, tiny_vit, tiny_rn, c
 def test_train_eval_reproduce_smoke(tmp_path, tiny_vit):
     args = toy_overrides(tmp_path, tiny_vit, {"epochs": 2, "batch_size": 4, "b2n_shots": 2, "cpn": 2,
                                               "reproduce.fewshot.shots": "[1]", "reproduce.ablation.shots": "[2]",
-                                              "reproduce.ablation.methods": "[vlp, cavpt_noaux]"})
+                                              "reproduce.ablation.methods": "[vlp, cavpt_noaux]",
+                                              "reproduce.protocols": "[fewshot, ablation, base2novel, domain_generalization]"})
     cavpt_main.main(["reproduce", *args])
     recs = load_records(paper="cavpt")
     assert sorted({(r["protocol"], r["method"], r["shots"]) for r in recs}) == [
