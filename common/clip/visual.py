@@ -4,7 +4,11 @@
 - `pixel_prompt`: a module or tensor added to the normalised pixels (VP's padding prompt is a module);
 - `deep_prompts`: ViT only. `deep_prompts[0]` (m, w) or (n, m, w) is *inserted* after CLS at the
   transformer input; `deep_prompts[i]` (i >= 1) *replaces* those m tokens at the input of layer i
-  (VPT-deep / MaPLe). A list of length 1 is VPT-shallow.
+  (VPT-deep / MaPLe). A list of length 1 is VPT-shallow. An entry may also be a callable
+  `f(tokens) -> (n, m', w)`: before that layer the current prompt tokens are dropped and f's output, computed
+  from the layer's input WITHOUT prompts ((n, 1+h*w, w), batch first), is inserted after CLS (any m', the
+  class-aware prompts of CAVPT/DPT); an entry of None drops the prompts from that layer on. A tensor entry
+  whose token count differs from the current one is swapped in the same way.
 - `return_dense`: also return per-location features in the joint embedding space, (n, h*w, D):
   ViT: `ln_post(patch tokens) @ proj`; ResNet: the attention pool's value path (v_proj -> c_proj)
   at every location, the dense trick of MaskCLIP/DenseCLIP. `dense_mode="value"` on ViT gives
@@ -62,11 +66,8 @@ def _vit_forward(visual: nn.Module, x: torch.Tensor, deep_prompts, return_dense:
         raise ValueError("visual hooks support CLIP ViTs without attentional pooling")
     x = vit_embeds(visual, x.to(visual.conv1.weight.dtype))  # conv, CLS, positions, ln_pre: (n, 1+hw, w)
     n_prompt = 0
-    if deep_prompts:
-        first = deep_prompts[0].to(x.dtype)
-        first = first.unsqueeze(0).expand(x.shape[0], -1, -1) if first.dim() == 2 else first
-        n_prompt = first.shape[1]
-        x = torch.cat([x[:, :1], first, x[:, 1:]], dim=1)
+    if deep_prompts and deep_prompts[0] is not None:
+        x, n_prompt = _swap_prompts(x, 0, deep_prompts[0])
     blocks = visual.transformer.resblocks
     batch_first = getattr(visual.transformer, "batch_first", True)
     if not batch_first:
@@ -74,7 +75,13 @@ def _vit_forward(visual: nn.Module, x: torch.Tensor, deep_prompts, return_dense:
     last_input = None
     for i, block in enumerate(blocks):
         if deep_prompts is not None and 1 <= i < len(deep_prompts):
-            x = _replace_tokens(x, deep_prompts[i].to(x.dtype), start=1, batch_first=batch_first)
+            p = deep_prompts[i]
+            if p is not None and not callable(p) and p.shape[-2] == n_prompt:
+                x = _replace_tokens(x, p.to(x.dtype), start=1, batch_first=batch_first)
+            else:   # generated from this layer's input, dropped (None), or another count: swap the prompt tokens
+                x = x if batch_first else x.transpose(0, 1)
+                x, n_prompt = _swap_prompts(x, n_prompt, p)
+                x = x if batch_first else x.transpose(0, 1)
         if i == len(blocks) - 1:
             last_input = x
         x = block(x)
@@ -96,6 +103,19 @@ def _vit_forward(visual: nn.Module, x: torch.Tensor, deep_prompts, return_dense:
             raise ValueError(f"dense_mode must be 'tokens' or 'value', got {dense_mode!r}")
         dense = tokens @ visual.proj if visual.proj is not None else tokens
     return pooled, dense
+
+
+def _swap_prompts(x: torch.Tensor, n_prompt: int, prompts) -> tuple[torch.Tensor, int]:
+    """(n, 1+m+hw, w) batch-first tokens with their m prompt tokens (after CLS) replaced by `prompts`: a tensor
+    (m', w) or (n, m', w), a callable of the prompt-free tokens (n, 1+hw, w) returning one, or None (no prompts).
+    Returns the new tokens and m'."""
+    base = torch.cat([x[:, :1], x[:, 1 + n_prompt:]], dim=1) if n_prompt else x
+    if prompts is None:
+        return base, 0
+    p = prompts(base) if callable(prompts) else prompts
+    p = p.to(x.dtype)
+    p = p.unsqueeze(0).expand(x.shape[0], -1, -1) if p.dim() == 2 else p
+    return torch.cat([base[:, :1], p, base[:, 1:]], dim=1), p.shape[1]
 
 
 def vit_embeds(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,49 @@ def test_vit_deep_prompts_replace_per_layer(tiny_vit):
     assert dense.shape == (3, grid, tiny_vit.embed_dim), "prompt tokens must not appear among patch tokens"
 
 
+def test_vit_generated_and_dropped_prompts(tiny_vit):
+    """Callable entries see the layer input without prompts and may change the prompt count; None drops them.
+    Reference: the official DPT order (prompts appended after the patches, removed after every block)."""
+    model, x = tiny_vit.model, _images(tiny_vit)
+    v, w = model.visual, vit_width(model)
+    torch.manual_seed(1)
+    vpt = [torch.randn(3, w), torch.randn(3, w)]
+    extra = torch.randn(len(x), 5, w)
+    seen = {}
+
+    def gen(tokens):
+        seen["tokens"] = tokens
+        return extra + tokens[:, :1]          # depends on the prompt-free input
+
+    got = encode_image_hooked(model, x, deep_prompts=[vpt[0], vpt[1], gen])
+    t = v.conv1(x).flatten(2).transpose(1, 2)
+    t = v.ln_pre(torch.cat([v.class_embedding.expand(len(x), 1, -1), t], 1) + v.positional_embedding)
+    blocks = v.transformer.resblocks
+    for i, block in enumerate(blocks):
+        if i < 2:
+            p = vpt[i].expand(len(x), -1, -1)
+        elif i == 2:
+            assert torch.allclose(seen["tokens"], t, atol=1e-6)
+            p = extra + t[:, :1]
+        else:
+            p = None
+        if p is None:      # layers past the list keep the last prompts' outputs (VPT-shallow rule)
+            t = block(t)
+            continue
+        t = block(torch.cat([t, p], 1))
+        if i < len(blocks) - 1 and i < 2:
+            t = t[:, :-p.shape[1]]
+    ref = v.ln_post(t[:, 0]) @ v.proj
+    assert torch.allclose(got, ref, atol=1e-5)
+    none = encode_image_hooked(model, x, deep_prompts=[vpt[0], None])
+    t = v.conv1(x).flatten(2).transpose(1, 2)
+    t = v.ln_pre(torch.cat([v.class_embedding.expand(len(x), 1, -1), t], 1) + v.positional_embedding)
+    t = blocks[0](torch.cat([t, vpt[0].expand(len(x), -1, -1)], 1))[:, :-3]
+    for block in blocks[1:]:
+        t = block(t)
+    assert torch.allclose(none, v.ln_post(t[:, 0]) @ v.proj, atol=1e-5)
+
+
 def test_resnet_dense_value_path_is_exact(tiny_rn):
     """With q/k projections zeroed the attention pool averages its values uniformly, so the pooled
     feature must equal the mean of the dense (value-path) features and the mean-token's value."""
