@@ -100,9 +100,6 @@ def validate(cfg: dict) -> list[str]:
     if cap and not Path(cap).is_file():
         out.append(f"captions_file {cap} does not exist: give COCO's captions_train2017.json (or a .txt / .json "
                    f"list of captions), or leave it empty on the embedded profile")
-    if not cap and any(not str(d).startswith("emb_") for d in cfg["datasets"]):
-        out.append("captions_file is empty but a real dataset is set: TaI-DPT trains on captions, give "
-                   "--set captions_file=/path/to/COCO/annotations/captions_train2017.json")
     syn = cfg["synonyms_file"]
     if syn and not Path(syn).is_file():
         out.append(f"synonyms_file {syn} does not exist: a JSON {{class name: [synonyms]}}")
