@@ -29,8 +29,9 @@ from common.engine.convergence import keep_history
 from common.engine.protocols import bundle_for
 from common.engine.runs import print_record
 from common.engine.threads import threaded
-from common.errors import ConfigError, DataError, UserError, one_line
+from common.errors import ConfigError, DataError
 from common.paths import runs_root
+from papers.maskclip.__main__ import backbone_configs  # one config per reproduce backbone, weights checked
 
 from .method import VARIANT_SPEC, VARIANTS
 from .segment import (FeatureBank, build_model, evaluate_cached, evaluate_images, fit_cached, fit_images, miou,
@@ -284,25 +285,6 @@ def train(cfg: dict) -> list[dict]:
     for name in cfg["datasets"]:
         segmentation_set(cfg, name)
     return [r for name in cfg["datasets"] for r in run_dataset(cfg, name)]
-
-
-def backbone_configs(cfg: dict) -> list[dict]:
-    from common.clip.loader import check_weights
-    pairs = list(cfg["reproduce_backbones"].items()) or [(cfg["arch"], cfg["pretrained"])]
-    problems = []
-    for arch, pretrained in pairs:
-        try:
-            check_weights(arch, pretrained)
-        except UserError as err:
-            problems.append(f"reproduce_backbones.{arch}: {one_line(str(err))}")
-    if problems:
-        raise DataError("; ".join(problems))
-    out = []
-    for arch, pretrained in pairs:
-        c = copy.deepcopy(cfg)
-        c["arch"], c["pretrained"] = arch, pretrained
-        out.append(c)
-    return out
 
 
 @inputs("datasets", weights=False)
