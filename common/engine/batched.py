@@ -39,6 +39,7 @@ import sys
 from ..atomic import atomic_write, write_text_atomic
 from ..errors import ConfigError, TrainingDiverged
 from . import distributed
+from .threads import torch_threads
 from .train import _RESUMED, TrainConfig, index_batches, lr_at, resume_checkpoint
 
 StepFn = Callable[[list], Any]
@@ -337,6 +338,26 @@ def unstack_parameters(modules: Sequence[nn.Module], stacked: dict[str, nn.Param
     for r, m in enumerate(modules):
         for n, w in stacked.items():
             m.get_parameter(n).copy_(w[r])
+
+
+def stack_trainable(modules: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
+    """Every trainable tensor of R modules of one architecture, stacked on a leading run axis (by name)."""
+    names = [n for n, p in modules[0].named_parameters() if p.requires_grad]
+    return {n: stack_parameters([m.get_parameter(n) for m in modules]) for n in names}
+
+
+def fit_stacked(modules: Sequence[nn.Module], stacked: dict[str, nn.Parameter], runs: Sequence[RunSchedule],
+                step: Callable, eval_fn: Callable[[], torch.Tensor] | None = None, eval_every: int = 0,
+                out_dir: str | Path | None = None, desc: str = "train", threads: int | None = None) -> list[nn.Module]:
+    """Train the stacked tensors with a `BatchedTrainer` (`step(batches) -> per-run losses`), write each run's
+    slice back into its module and keep its histories (`train_history`, `val_history`: a convergence curve)."""
+    trainer = BatchedTrainer(list(stacked.values()), runs, out_dir, desc=desc)
+    with torch_threads(threads):     # tiny per-step ops: extra threads only synchronise
+        trainer.fit(step, eval_fn, eval_every)
+    unstack_parameters(modules, stacked)
+    for m, hist, ev in zip(modules, trainer.history, trainer.evals):
+        m.train_history, m.val_history = hist, ev
+    return list(modules)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -136,6 +136,20 @@ def plan_datasets(plan) -> list[str]:
     return [n for _, names, _, _ in plan for n in names]
 
 
+def plan_jobs(plan) -> list[tuple[str, str, str | None, list[str]]]:
+    """The (protocol, dataset, source, variants) jobs of a plan of `training_free_plan`, one per dataset."""
+    return [(p, n, src, v) for p, names, src, v in plan for n in names]
+
+
+def run_plan(cfg: dict, plan, loaded: dict, evaluate_one: Callable, desc: str) -> list[dict]:
+    """Every job of a training-free plan, with a progress bar: `evaluate_one(cfg, *loaded[dataset], protocol, source,
+    variants)` -> records (`loaded`: each dataset's (Dataset, class texts), read before any work)."""
+    out = []
+    for protocol, name, source, variants in tqdm(plan_jobs(plan), desc=desc):
+        out += evaluate_one(cfg, *loaded[name], protocol, source, variants)
+    return out
+
+
 def checkpoint_dir(cfg, paper, protocol, dataset, method, shots, seed, variant):
     """Training checkpoints of one run, inside the paper's runs folder (so a pipeline rerun clears them)."""
     return run_dir("_checkpoints", protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant,

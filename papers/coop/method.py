@@ -331,7 +331,7 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
     `batch_size`, and `evaluate_fn(learner, task, split=...)` for a convergence study's validation curve;
     `views(task, cfg) -> ((V, N, ...) features, (N,) labels)` replaces the cached global training views (PLOT:
     the local features of each image), a batch being the rows of one view as `train_views` gives them."""
-    from common.engine.batched import BatchedTrainer, RunSchedule, stack_parameters, unstack_parameters
+    from common.engine.batched import RunSchedule, fit_stacked, stack_trainable
     if learners is None:
         learners = []
         for t in tasks:   # the protocol seeds each run before building it: the same initial context
@@ -356,8 +356,7 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
                                            for l, t in zip(ls, tasks)])
         eval_every = eval_every or convergence.eval_every(max(r.total_steps for r in runs))
     logits_many = logits_many or coop_logits_many
-    names = [n for n, p in learners[0].named_parameters() if p.requires_grad]
-    stacked = {n: stack_parameters([l.get_parameter(n) for l in learners]) for n in names}
+    stacked = stack_trainable(learners)
     scale = logit_scale(bundle)
     views: dict[tuple, torch.Tensor] = {}
 
@@ -388,14 +387,8 @@ def train_coop_many(tasks: Sequence[Task], cfg: dict, learners: Sequence[PromptL
         def evaluate_runs():
             with torch.no_grad(), bound(learners, stacked, range(len(tasks))):
                 return eval_fn(learners)
-    trainer = BatchedTrainer(list(stacked.values()), runs, out_dir,
-                             desc=desc or f"coop x{len(tasks)} {tasks[0].dataset.name}")
-    with torch_threads(option(cfg, "threads")):  # tiny per-step ops: extra threads only synchronise
-        trainer.fit(step, evaluate_runs, eval_every)
-    unstack_parameters(learners, stacked)
-    for learner, hist, ev in zip(learners, trainer.history, trainer.evals):
-        learner.train_history, learner.val_history = hist, ev
-    return learners
+    return fit_stacked(learners, stacked, runs, step, evaluate_runs, eval_every, out_dir,
+                       desc or f"coop x{len(tasks)} {tasks[0].dataset.name}", option(cfg, "threads"))
 
 
 @contextmanager
@@ -473,6 +466,7 @@ def evaluate(learner: PromptLearner, task: Task, split: str = "test", chunk: int
 
 def save_learner(learner: PromptLearner, path) -> None:
     """Learned tensors plus what rebuilds the learner (class names, options), for `load_learner`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state": learner.trained_state(), "classnames": learner.classnames,
                 "init_kwargs": learner.init_kwargs, "type": type(learner).__name__}, path)
 

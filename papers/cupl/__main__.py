@@ -15,14 +15,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from common.cli import inputs, run_cli
 from common.clip import IMAGENET_TEMPLATES, encode_texts
 from common.data.descriptors import WHERE, run_class_texts
 from common.engine import write_record
-from common.engine.protocols import (Task, backbone_configs, bundle_for, eval_classifier,
-                                     plan_datasets, record_exists, training_free_plan)
+from common.engine.protocols import (Task, backbone_configs, bundle_for, eval_classifier, plan_datasets, plan_jobs,
+                                     record_exists, run_plan, training_free_plan)
 from common.engine.runs import print_record
 
 from .method import BASE_VARIANTS, cupl_weights, variant_texts, wordify
@@ -90,25 +88,17 @@ def evaluate_one(cfg: dict, ds, ct, protocol: str, source: str | None, variants:
 @inputs(datasets=_reads)
 def evaluate(cfg: dict) -> list[dict]:
     """zero-shot CuPL (every variant) on every dataset and on the shifted sets, on the configured backbone"""
-    plan = class_texts_of(cfg)
-    jobs = [(p, n, src, v) for p, names, src, v in _protocols(cfg) for n in names]
-    out = []
-    for protocol, name, source, variants in tqdm(jobs, desc=f"cupl {cfg['arch']}"):
-        ds, ct = plan[name]
-        out += evaluate_one(cfg, ds, ct, protocol, source, variants)
-    return out
+    return run_plan(cfg, _protocols(cfg), class_texts_of(cfg), evaluate_one, f"cupl {cfg['arch']}")
 
 
 @inputs(datasets=_reads)
 def train(cfg: dict) -> None:
     """builds and caches every variant's classifier (CuPL has nothing to train)"""
-    plan = class_texts_of(cfg)
-    bundle = bundle_for(cfg)
-    for _, names, _, variants in _protocols(cfg):
-        for name in names:
-            ds, ct = plan[name]
-            for variant in variants:
-                cupl_weights(bundle, texts_for(cfg, ds, ct, variant))
+    loaded, bundle = class_texts_of(cfg), bundle_for(cfg)
+    for _, name, _, variants in plan_jobs(_protocols(cfg)):
+        ds, ct = loaded[name]
+        for variant in variants:
+            cupl_weights(bundle, texts_for(cfg, ds, ct, variant))
 
 
 @inputs(datasets=_reads)

@@ -41,6 +41,7 @@ from common.engine.threads import threaded
 from common.errors import ConfigError
 from common.metrics import mean_average_precision
 from common.paths import runs_root
+from papers.coop.method import PROMPT_FILE, load_learner, save_learner
 
 from .fit import build_models, train_many
 from .method import (DualPrompt, encode_regions, multi_hot, partial_labels, predict, resized)
@@ -50,7 +51,6 @@ PROTOCOL = "multilabel"
 CONFIG = Path(__file__).with_name("config.yaml")
 VARIANTS = {"": {}, "single": {"single": True}, "global": {"aggregation": "global"}, "scale1": {}, "scale2": {}}
 SCALES = {"scale1": 1.0, "scale2": 2.0}   # variants reading the regions at another input scale (x the model's size)
-PROMPT_FILE = "prompt.pt"
 
 
 # ------------------------------------------------------------------------------------------- options
@@ -192,20 +192,6 @@ def group_dir(cfg: dict, name: str, what: str, labels: list) -> Path:
     return runs_root() / SLUG / "_train" / cfg["profile"] / name / f"{what}-{key}"
 
 
-def save_prompt(model: DualPrompt, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": model.trained_state(), "classnames": model.classnames, "init_kwargs": model.init_kwargs},
-               folder / PROMPT_FILE)
-
-
-def load_prompt(path: Path, bundle) -> DualPrompt:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    with torch.random.fork_rng():
-        model = DualPrompt(bundle, blob["classnames"], **blob["init_kwargs"])
-    model.load_state_dict(blob["state"], strict=False)
-    return model
-
-
 def _record(cfg, name, method, variant, shots, seed, metrics, wall, n_classes, extra=None) -> dict:
     rec = {"paper": SLUG, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": PROTOCOL,
            "dataset": name, "source": name.split("[")[0], "backbone": cfg["arch"], "shots": shots, "seed": seed,
@@ -253,7 +239,7 @@ def partial_label(cfg: dict, variant: str = "", proportions=None) -> list[dict]:
         wall = (time.time() - t0) / len(jobs)
         for (pp, s), m in zip(jobs, models):
             folder = run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, pp, s, variant)
-            save_prompt(m, folder)
+            save_learner(m, folder / PROMPT_FILE)
             metrics = {"mAP": mean_average_precision(predict(m, Xte), Yte),
                        "val_mAP": mean_average_precision(predict(m, Xva), Yva)}
             out.append(_record(cfg, name, SLUG, variant, pp, s, metrics, wall, data.num_classes,
@@ -371,7 +357,7 @@ def zeroshot(cfg: dict) -> list[dict]:
         wall = (time.time() - t0) / len(seeds)
         k = int(cfg["zsl"]["top_k"])
         for s, m in zip(seeds, models):
-            save_prompt(m, run_dir(SLUG, PROTOCOL, cfg["profile"], labels["zsl"], cfg["arch"], SLUG, None, s, ""))
+            save_learner(m, run_dir(SLUG, PROTOCOL, cfg["profile"], labels["zsl"], cfg["arch"], SLUG, None, s, "") / PROMPT_FILE)
             for key, cols in (("zsl", u_idx), ("gzsl", list(range(data.num_classes)))):
                 scores = predict(m.with_classnames([data.classnames[i] for i in cols]), Xte)
                 met = {"mAP": mean_average_precision(scores, Yte[:, cols]), **f1_at_k(scores, Yte[:, cols], k)}
@@ -393,7 +379,7 @@ def eval_(cfg: dict) -> list[dict]:
                 if not (folder / PROMPT_FILE).is_file():
                     raise FileNotFoundError(f"no trained prompt at {folder / PROMPT_FILE}: run `python -m papers.dualcoop "
                                             f"train` with the same options first")
-                value = mean_average_precision(predict(load_prompt(folder / PROMPT_FILE, bundle), Xte), Yte)
+                value = mean_average_precision(predict(load_learner(folder / PROMPT_FILE, bundle, DualPrompt), Xte), Yte)
                 rec = load_records(paper=SLUG, protocol=PROTOCOL, dataset=name, method=SLUG, shots=pp, seed=s, variant="")
                 stored = rec[0]["metrics"]["mAP"] if rec else None
                 print(f"{name} {pp}% seed={s} mAP {value:6.2f}" + (f"  (record {stored:6.2f})" if stored is not None else ""))

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from common.clip.text import encode_prompts
 from common.engine import TrainConfig
-from common.engine.batched import BatchedTrainer, RunSchedule, scatter_runs, stack_parameters, unstack_parameters
+from common.engine.batched import RunSchedule, fit_stacked, scatter_runs, stack_trainable
 from common.engine.seed import seed_everything
-from common.engine.threads import torch_threads
 
 from .method import DualPrompt, asl_loss, positive_probability
 
@@ -70,8 +69,7 @@ def train_many(models: Sequence[DualPrompt], feats: torch.Tensor, targets: Seque
     if not models:
         return []
     template = models[0]
-    names = [n for n, p in template.named_parameters() if p.requires_grad]
-    stacked = {n: stack_parameters([m.get_parameter(n) for m in models]) for n in names}
+    stacked = stack_trainable(models)
     device = feats.device
     ys = [t.to(device) for t in targets]
     runs = [RunSchedule(c, feats.shape[0], batch_size, label=f"run{r}") for r, c in enumerate(tcfgs)]
@@ -102,10 +100,5 @@ def train_many(models: Sequence[DualPrompt], feats: torch.Tensor, targets: Seque
                                    for x in vx.split(512)])
                     out[r] = mean_average_precision(p.float().cpu(), vy)
             return out
-    trainer = BatchedTrainer(list(stacked.values()), runs, out_dir, desc=desc)
-    with torch_threads(threads):
-        trainer.fit(step, eval_fn, eval_every or max(1, trainer.total // 20))
-    unstack_parameters(models, stacked)
-    for m, hist, ev in zip(models, trainer.history, trainer.evals):
-        m.train_history, m.val_history = hist, ev
-    return list(models)
+    return fit_stacked(models, stacked, runs, step, eval_fn, eval_every or max(1, max(r.total_steps for r in runs) // 20),
+                       out_dir, desc, threads)

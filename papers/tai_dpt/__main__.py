@@ -39,6 +39,7 @@ from common.engine.threads import threaded
 from common.errors import ConfigError, MissingDataError
 from common.metrics import mean_average_precision
 from common.paths import runs_root
+from papers.coop.method import PROMPT_FILE, load_learner, save_learner
 
 from .fit import build_models, image_scores, train_many
 from .method import (DoubleGrainedPrompt, LabelParser, caption_corpus, encode_caption_tokens,
@@ -47,7 +48,6 @@ from .method import (DoubleGrainedPrompt, LabelParser, caption_corpus, encode_ca
 SLUG = "tai_dpt"
 PROTOCOL = "multilabel"
 CONFIG = Path(__file__).with_name("config.yaml")
-PROMPT_FILE = "prompt.pt"
 
 # Hand-made synonym lists of the real sets (our own, in the spirit of the official data_helpers.py); the class name
 # itself is always a synonym. The embedded world's come from its vocabulary (`world_synonyms`).
@@ -236,20 +236,6 @@ def fit(cfg: dict, bundle, data, cor: dict, jobs: list[tuple[float, int]], sched
                       merge_rate=float(cfg["merge_rate"]))
 
 
-def save_prompt(model: DoubleGrainedPrompt, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": model.trained_state(), "classnames": model.classnames, "init_kwargs": model.init_kwargs},
-               folder / PROMPT_FILE)
-
-
-def load_prompt(path: Path, bundle) -> DoubleGrainedPrompt:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    with torch.random.fork_rng():
-        model = DoubleGrainedPrompt(bundle, blob["classnames"], **blob["init_kwargs"])
-    model.load_state_dict(blob["state"], strict=False)
-    return model
-
-
 def _record(cfg, name, method, variant, shots, seed, metrics, wall, n_classes, extra=None) -> dict:
     rec = {"paper": SLUG, "method": method, "variant": variant, "profile": cfg["profile"], "protocol": PROTOCOL,
            "dataset": name, "source": name, "backbone": cfg["arch"], "shots": shots, "seed": seed,
@@ -290,7 +276,7 @@ def zeroshot_mlr(cfg: dict) -> list[dict]:
         wall = (time.time() - t0) / len(jobs)
         for (f, s), m in zip(jobs, models):
             v = variant_of(f)
-            save_prompt(m, run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, None, s, v))
+            save_learner(m, run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, None, s, v) / PROMPT_FILE)
             sc = _scores(m, Xte, cfg)
             val = _scores(m, Xva, cfg)["merged"] if data.val else None
             n_caps = cor["n_captions"] if f >= 1 else max(1, int(round(cor["n_captions"] * f)))
@@ -371,7 +357,7 @@ def partial(cfg: dict) -> list[dict]:
                                   desc=f"tai_dpt: dualcoop {name} x{len(jobs)}")
         wall = (time.time() - t0) / len(jobs)
         Xte = image_features(cfg, bundle, data, "test")
-        tai = {s: _scores(load_prompt(p, bundle), Xte, cfg)["merged"] for s, p in prompts.items()}
+        tai = {s: _scores(load_learner(p, bundle, DoubleGrainedPrompt), Xte, cfg)["merged"] for s, p in prompts.items()}
         for (pp, s), m in zip(jobs, models):
             sd = dual.predict(m, Xte_r)
             extra = {"label_proportion": pp / 100.0}
@@ -395,7 +381,7 @@ def eval_(cfg: dict) -> list[dict]:
             if not path.is_file():
                 raise MissingDataError(f"no trained prompt at {path}: run `python -m papers.tai_dpt train` with the "
                                        f"same options first")
-            sc = _scores(load_prompt(path, bundle), Xte, cfg)
+            sc = _scores(load_learner(path, bundle, DoubleGrainedPrompt), Xte, cfg)
             vals = {k: mean_average_precision(v, Yte) for k, v in sc.items()}
             rec = load_records(paper=SLUG, protocol=PROTOCOL, dataset=name, method=SLUG, shots=None, seed=s, variant="")
             stored = rec[0]["metrics"]["mAP"] if rec else None

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 from common.clip.text import encode_prompts
 from common.engine import TrainConfig
-from common.engine.batched import BatchedTrainer, RunSchedule, scatter_runs, stack_parameters, unstack_parameters
+from common.engine.batched import RunSchedule, fit_stacked, scatter_runs, stack_trainable
 from common.engine.seed import seed_everything
-from common.engine.threads import torch_threads
 
 from .method import (DoubleGrainedPrompt, gather_tokens, global_scores, local_scores, merged_scores, ranking_loss,
                      TAU_IMAGE, TAU_TEXT)
@@ -64,8 +63,7 @@ def train_many(models: Sequence[DoubleGrainedPrompt], text: dict, targets: torch
     if not models:
         return []
     template = models[0]
-    names = [n for n, p in template.named_parameters() if p.requires_grad]
-    stacked = {n: stack_parameters([m.get_parameter(n) for m in models]) for n in names}
+    stacked = stack_trainable(models)
     device = template.encoder.token_embedding.weight.device
     eot = text["eot"].to(device)
     y = targets.to(device)
@@ -94,10 +92,5 @@ def train_many(models: Sequence[DoubleGrainedPrompt], text: dict, targets: torch
                 for (t_g, t_l), r in zip(run_text(template, stacked, list(val_runs)), val_runs):
                     out[r] = mean_average_precision(image_scores(t_g, t_l, vx, tau_image, merge_rate), vy)
             return out
-    trainer = BatchedTrainer(list(stacked.values()), runs, out_dir, desc=desc)
-    with torch_threads(threads):
-        trainer.fit(step, eval_fn, eval_every or max(1, trainer.total // 20))
-    unstack_parameters(models, stacked)
-    for m, hist, ev in zip(models, trainer.history, trainer.evals):
-        m.train_history, m.val_history = hist, ev
-    return list(models)
+    return fit_stacked(models, stacked, runs, step, eval_fn, eval_every or max(1, max(r.total_steps for r in runs) // 20),
+                       out_dir, desc, threads)

@@ -18,15 +18,14 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from common.atomic import write_text_atomic
 from common.cli import inputs, run_cli
 from common.clip import pooled_classifier
 from common.data.descriptors import WHERE, run_class_texts
 from common.engine import classification_metrics, write_record
-from common.engine.protocols import (Task, backbone_configs, bundle_for, eval_classifier,
-                                     plan_datasets, record_exists, training_free_plan)
+from common.engine.protocols import (Task, backbone_configs, bundle_for, eval_classifier, plan_datasets, plan_jobs,
+                                     record_exists, run_plan, training_free_plan)
 from common.engine.runs import print_record
 from common.paths import runs_root
 
@@ -99,25 +98,17 @@ def evaluate_one(cfg: dict, ds, ct, protocol: str, source: str | None, variants:
 @inputs(datasets=_reads)
 def evaluate(cfg: dict) -> list[dict]:
     """zero-shot VCD (every variant) and the bare-class-name baseline on every dataset and the shifted sets"""
-    plan = class_texts_of(cfg)
-    jobs = [(p, n, src, v) for p, names, src, v in _protocols(cfg) for n in names]
-    out = []
-    for protocol, name, source, variants in tqdm(jobs, desc=f"vcd {cfg['arch']}"):
-        ds, ct = plan[name]
-        out += evaluate_one(cfg, ds, ct, protocol, source, variants)
-    return out
+    return run_plan(cfg, _protocols(cfg), class_texts_of(cfg), evaluate_one, f"vcd {cfg['arch']}")
 
 
 @inputs(datasets=_reads)
 def train(cfg: dict) -> None:
     """builds and caches every variant's sentence embeddings (VCD has nothing to train)"""
-    plan = class_texts_of(cfg)
-    bundle = bundle_for(cfg)
-    for _, names, _, variants in _protocols(cfg):
-        for name in names:
-            ds, ct = plan[name]
-            for variant in variants:
-                descriptor_head(bundle, sentences_for(cfg, ds, ct, variant)[0])
+    loaded, bundle = class_texts_of(cfg), bundle_for(cfg)
+    for _, name, _, variants in plan_jobs(_protocols(cfg)):
+        ds, ct = loaded[name]
+        for variant in variants:
+            descriptor_head(bundle, sentences_for(cfg, ds, ct, variant)[0])
 
 
 def explain_path(profile: str, arch: str) -> Path:
