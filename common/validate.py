@@ -100,6 +100,25 @@ def option_problems(cfg: dict) -> list[str]:
     return out
 
 
+def reproduce_problems(cfg: dict, protocols: Iterable[str], design_keys: Iterable[str]) -> list[str]:
+    """A paper's `reproduce` block: known protocols, ablation methods that name a design, designs that set only
+    `design_keys`."""
+    protocols, design_keys = tuple(protocols), set(design_keys)
+    rep = cfg.get("reproduce") or {}
+    problems = [f"reproduce.protocols: unknown protocol {p!r}; expected some of {protocols}"
+                for p in rep.get("protocols") or [] if p not in protocols]
+    abl = rep.get("ablation") or {}
+    designs = abl.get("designs") or {}
+    problems += [f"reproduce.ablation.methods: unknown design {m!r}; expected some of {sorted(designs)}"
+                 for m in abl.get("methods") or [] if m not in designs]
+    for name, over in designs.items():
+        bad = set(over) - design_keys
+        if bad:
+            problems.append(f"reproduce.ablation.designs.{name}: unknown options {sorted(bad)}; allowed: "
+                            f"{', '.join(sorted(design_keys))}")
+    return problems
+
+
 def _device_problems(cfg: dict) -> list[str]:
     import torch
     device, precision = str(cfg.get("device", "cpu")), cfg.get("precision", "fp32")

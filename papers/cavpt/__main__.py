@@ -19,6 +19,7 @@ from common.config import load_config
 from common.engine import convergence
 from common.engine.protocols import bundle_for, run_base2novel, run_fewshot, run_transfer
 from common.errors import ConfigError
+from common.validate import reproduce_problems
 from papers.coop import method as coop
 from papers.coop.__main__ import eval_kept_prompts
 
@@ -60,20 +61,7 @@ def validate(cfg: dict) -> list[str]:
         problems.append(f"gkg_fraction (C / epochs) must be in [0, 1], got {cfg['gkg_fraction']}")
     if isinstance(cfg.get("text_lr"), (int, float)) and not cfg["text_lr"] > 0:
         problems.append(f"text_lr must be > 0, got {cfg['text_lr']}")
-    rep = cfg.get("reproduce") or {}
-    for p in rep.get("protocols") or []:
-        if p not in PROTOCOLS:
-            problems.append(f"reproduce.protocols: unknown protocol {p!r}; expected some of {PROTOCOLS}")
-    abl = rep.get("ablation") or {}
-    designs = abl.get("designs") or {}
-    for m in abl.get("methods") or []:
-        if m not in designs:
-            problems.append(f"reproduce.ablation.methods: unknown design {m!r}; expected some of {sorted(designs)}")
-    for name, over in designs.items():
-        bad = set(over) - DESIGN_KEYS
-        if bad:
-            problems.append(f"reproduce.ablation.designs.{name}: unknown options {sorted(bad)}; allowed: "
-                            f"{sorted(DESIGN_KEYS)}")
+    problems += reproduce_problems(cfg, PROTOCOLS, DESIGN_KEYS)
     return problems
 
 

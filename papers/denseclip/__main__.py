@@ -301,18 +301,10 @@ def reproduce(cfg: dict) -> None:
 @inputs(weights=False)
 def figure(cfg: dict) -> list[Path]:
     """image / ground truth / prediction overlays of the saved test images, drawn to figure_dir"""
-    from papers.maskclip.plot import TITLES, overlay_figure
+    from papers.maskclip.plot import TITLES, overlay_figures
     TITLES.setdefault("baseline", "CLIP + FPN (no language)")
     TITLES.setdefault("post", "DenseCLIP")
-    made = []
-    for npz in sorted((runs_root() / SLUG / PROTOCOL / cfg["profile"]).glob("*/overlays_*.npz")):
-        arch = npz.stem[len("overlays_"):]
-        out = Path(cfg["figure_dir"]) / f"overlays_{cfg['profile']}_{npz.parent.name}_{arch}.png"
-        made.append(overlay_figure(npz, out, title=f"DenseCLIP on {npz.parent.name}, {arch} ({cfg['profile']})"))
-        print(made[-1])
-    if not made:
-        print("no saved predictions to draw yet: run `python -m papers.denseclip reproduce` first")
-    return made
+    return overlay_figures(cfg, SLUG, PROTOCOL, "DenseCLIP")
 
 
 @inputs("datasets")

@@ -18,6 +18,7 @@ from common.config import load_config
 from common.data import fewshot_split, subsample_classes
 from common.engine import convergence
 from common.engine.protocols import Task, bundle_for, run_base2novel, run_transfer
+from common.validate import reproduce_problems
 from papers.cocoop.__main__ import eval_kept_base2novel
 from papers.coop.method import Fitter, load_learner
 
@@ -72,20 +73,9 @@ def validate(cfg: dict) -> list[str]:
                        ("transfer.epochs", (cfg.get("transfer") or {}).get("epochs"))):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{key} must be an integer >= 1, got {value!r}")
-    rep = cfg.get("reproduce") or {}
-    for p in rep.get("protocols") or []:
-        if p not in PROTOCOLS:
-            problems.append(f"reproduce.protocols: unknown protocol {p!r}; expected some of {PROTOCOLS}")
-    abl = rep.get("ablation") or {}
-    designs = abl.get("designs") or {}
-    for m in abl.get("methods") or []:
-        if m not in designs:
-            problems.append(f"reproduce.ablation.methods: unknown design {m!r}; expected some of {sorted(designs)}")
+    problems += reproduce_problems(cfg, PROTOCOLS, {"mode", "depth", "n_ctx", "lr"})
+    designs = ((cfg.get("reproduce") or {}).get("ablation") or {}).get("designs") or {}
     for name, over in designs.items():
-        bad = set(over) - {"mode", "depth", "n_ctx", "lr"}
-        if bad:
-            problems.append(f"reproduce.ablation.designs.{name}: unknown options {sorted(bad)}; allowed: mode, depth, "
-                            f"n_ctx, lr")
         if "mode" in over and over["mode"] not in MODES:
             problems.append(f"reproduce.ablation.designs.{name}.mode must be one of {MODES}, got {over['mode']!r}")
         for key in ("depth", "n_ctx"):

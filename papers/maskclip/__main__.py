@@ -324,17 +324,8 @@ def reproduce(cfg: dict) -> None:
 def figure(cfg: dict) -> list[Path]:
     """image / ground truth / prediction overlays of the saved test images, drawn to figure_dir
     (--set figure_dir=papers/maskclip puts them beside REPORT.md)"""
-    from .plot import overlay_figure
-    made = []
-    for npz in sorted((runs_root() / SLUG / PROTOCOL / cfg["profile"]).glob("*/overlays_*.npz")):
-        arch = npz.stem[len("overlays_"):]
-        dataset = npz.parent.name
-        out = Path(cfg["figure_dir"]) / f"overlays_{cfg['profile']}_{dataset}_{arch}.png"
-        made.append(overlay_figure(npz, out, title=f"MaskCLIP on {dataset}, {arch} ({cfg['profile']})"))
-        print(made[-1])
-    if not made:
-        print("no saved predictions to draw yet: run `python -m papers.maskclip reproduce` first")
-    return made
+    from .plot import overlay_figures
+    return overlay_figures(cfg, SLUG, PROTOCOL, "MaskCLIP")
 
 
 def main(argv=None):

@@ -59,3 +59,17 @@ def overlay_figure(npz: str | Path, path: Path, title: str = "MaskCLIP") -> Path
         fig.suptitle(title)
         fig.tight_layout(rect=(0, 0.12 if len(present) > 6 else 0.07, 1, 0.97))
         return save(fig, path)
+
+
+def overlay_figures(cfg: dict, slug: str, protocol: str, method: str) -> list[Path]:
+    """Every saved test-image prediction (`overlays_<arch>.npz` of a run folder) drawn to cfg["figure_dir"]."""
+    from common.paths import runs_root
+    made = []
+    for npz in sorted((runs_root() / slug / protocol / cfg["profile"]).glob("*/overlays_*.npz")):
+        arch, dataset = npz.stem[len("overlays_"):], npz.parent.name
+        out = Path(cfg["figure_dir"]) / f"overlays_{cfg['profile']}_{dataset}_{arch}.png"
+        made.append(overlay_figure(npz, out, title=f"{method} on {dataset}, {arch} ({cfg['profile']})"))
+        print(made[-1])
+    if not made:
+        print(f"no saved predictions to draw yet: run `python -m papers.{slug} reproduce` first")
+    return made
