@@ -111,6 +111,18 @@ def sweep_tags(param: str, value, default) -> dict:
     return {"sweep": {"param": param, "value": value, "default": value == default}}
 
 
+def run_ablations(cfg: dict, paper: str, fit_eval_of: Callable[[str], Callable], sweep_key: str) -> list[dict]:
+    """Few-shot runs of every `cfg["ablations"]` variant at the `ablation_shots` that are also in `shots`; a
+    variant that sets `sweep_key` is one point of a sweep around `cfg[sweep_key]` (`sweep_tags`)."""
+    shots = [k for k in cfg["ablation_shots"] if k in cfg["shots"]]
+    out = []
+    for variant, over in cfg["ablations"].items() if shots else ():
+        value = over.get(sweep_key)
+        out += run_fewshot(cfg, paper, paper, fit_eval_of(variant), variant=variant, shots=shots,
+                           tags=sweep_tags(sweep_key, float(value), cfg[sweep_key]) if value is not None else None)
+    return out
+
+
 def record_exists(cfg, paper, protocol, dataset, method, shots, seed, variant, source=None) -> bool:
     """Whether the run's record exists (and `force` is off); an existing record's metrics are printed."""
     path = run_dir(paper, protocol, cfg["profile"], dataset, cfg["arch"], method, shots, seed, variant, source) \

@@ -13,7 +13,7 @@ from common.cli import run_cli
 from common.config import load_config
 from common.clip import logit_scale
 from common.engine import TrainConfig, classification_metrics
-from common.engine.protocols import BatchedFit, Task, run_fewshot, run_transfer, sweep_tags
+from common.engine.protocols import BatchedFit, Task, run_ablations, run_fewshot, run_transfer
 from common.engine import convergence
 from common.engine.convergence import with_schedule
 from common.engine.seed import seed_everything
@@ -99,14 +99,7 @@ def _fit_eval(variant: str) -> BatchedFit:
 
 def train(cfg: dict) -> list[dict]:
     """few-shot CLIP-Adapter on every dataset x shots x seeds, plus the ablation variants at ablation_shots"""
-    out = run_fewshot(cfg, SLUG, SLUG, _fit_eval(""))
-    shots = [k for k in cfg["ablation_shots"] if k in cfg["shots"]]
-    for variant in cfg["ablations"]:
-        if shots:
-            ratio = cfg["ablations"][variant].get("ratio")   # ratio variants are a sweep around the default 0.2
-            out += run_fewshot(cfg, SLUG, SLUG, _fit_eval(variant), variant=variant, shots=shots,
-                               tags=sweep_tags("ratio", float(ratio), cfg["ratio"]) if ratio is not None else None)
-    return out
+    return run_fewshot(cfg, SLUG, SLUG, _fit_eval("")) + run_ablations(cfg, SLUG, _fit_eval, "ratio")
 
 
 def evaluate_cmd(cfg: dict) -> list[dict]:

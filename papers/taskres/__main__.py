@@ -18,7 +18,7 @@ from common.engine.convergence import with_schedule
 from common.clip import logit_scale
 from common.data import prompt_classnames
 from common.engine import TrainConfig, classification_metrics
-from common.engine.protocols import BatchedFit, Task, run_fewshot, run_transfer, sweep_tags
+from common.engine.protocols import BatchedFit, Task, run_ablations, run_fewshot, run_transfer
 from common.engine.seed import seed_everything
 from common.engine.cost import random_features, report_epoch_cost
 from common.engine.threads import threaded
@@ -183,13 +183,7 @@ def train(cfg: dict) -> list[dict]:
     out = []
     for variant in [""] + (["enhanced"] if cfg["enhanced"]["run"] else []):
         out += run_fewshot(cfg, SLUG, SLUG, _fit_eval(variant), variant=variant)
-    shots = [k for k in cfg["ablation_shots"] if k in cfg["shots"]]
-    for variant in cfg["ablations"]:
-        if shots:
-            alpha = cfg["ablations"][variant].get("alpha")    # alpha variants are a sweep around the default 0.5
-            out += run_fewshot(cfg, SLUG, SLUG, _fit_eval(variant), variant=variant, shots=shots,
-                               tags=sweep_tags("alpha", float(alpha), cfg["alpha"]) if alpha is not None else None)
-    return out
+    return out + run_ablations(cfg, SLUG, _fit_eval, "alpha")
 
 
 def evaluate_cmd(cfg: dict) -> list[dict]:
