@@ -140,7 +140,7 @@ class Report:
                 f"convergence record justifies at least {record['justified_epochs']} epochs at lr {record['lr']:g}")
         out = [title, "",
                f"Representative setting: {record['method']}{' (' + record['variant'] + ')' if record['variant'] else ''}, "
-               f"{record['shots']} shots, seed {record['seed']}, on {', '.join(sorted(record['datasets']))} "
+               f"{'the whole train split' if record['shots'] is None else str(record['shots']) + ' shots'}, seed {record['seed']}, on {', '.join(sorted(record['datasets']))} "
                f"({record['backbone']}). From `convergence.json` (`python -m papers.{slug} convergence`): first the "
                f"learning rate, official x {', '.join(f'{f:g}' for f in record['lr_factors'])} at the official "
                f"{record['official_epochs']} epochs, chosen on validation accuracy (official unless another is better "
