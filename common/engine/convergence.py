@@ -139,6 +139,21 @@ def study(cfg: dict, slug: str, method: str, variant: str, fit_many: Callable[[l
     return record
 
 
+def one_by_one(fit: Callable[[Any], Any]) -> Callable[[list], list]:
+    """`fit_many` for a method that trains one task at a time: each fit starts from the global RNG seeded with its
+    task's seed (as `run_fewshot` does), so a run's initialisation and dropout do not depend on the runs before it
+    in the study."""
+    from .seed import seed_everything
+
+    def fit_many(tasks: list) -> list:
+        out = []
+        for t in tasks:
+            seed_everything(t.seed)
+            out.append(fit(t))
+        return out
+    return fit_many
+
+
 def epoch_validation(task, score: Callable[[], float]) -> Callable[[int], dict] | None:
     """`on_epoch_end` for the single-run `Trainer`: the validation accuracy after every epoch, only in the run a
     study draws the validation curve of (`task.extra["on_eval"]`)."""

@@ -206,7 +206,7 @@ def convergence_cmd(cfg: dict) -> dict:
     then budgets -> papers/calip/convergence.json"""
     official = load_config(CONFIG, "real")["fs"]["train"]
     cfg = {**cfg, "fs": {**cfg["fs"], "train": dict(official)}}
-    return convergence.study(cfg, SLUG, "calip_fs", "", lambda tasks: [fit_calip_fs(t) for t in tasks],
+    return convergence.study(cfg, SLUG, "calip_fs", "", convergence.one_by_one(fit_calip_fs),
                              lambda model, task: evaluate_calip_fs(model, task, "val")["top1"],
                              int(official["epochs"]), float(official["lr"]), convergence.STUDY_DATASETS,
                              lr_factors=(1, 10, 100), note="CALIP-FS with the official optimiser (SGD, momentum 0.9); betas searched on val")

@@ -159,7 +159,7 @@ def convergence_cmd(cfg: dict) -> dict:
     -> papers/cavpt/convergence.json"""
     real = load_config(CONFIG, "real")
     check_model(cfg, [cfg])
-    return convergence.study(cfg, SLUG, "cavpt", "", lambda tasks: [train_dpt(t, cfg) for t in tasks],
+    return convergence.study(cfg, SLUG, "cavpt", "", convergence.one_by_one(lambda t: train_dpt(t, cfg)),
                              lambda learner, task: evaluate(learner, task, split="val")["top1"],
                              int(real["epochs"]), float(real["train"]["lr"]), cfg["convergence_datasets"],
                              lr_factors=tuple(cfg["convergence_lr_factors"]),

@@ -105,7 +105,7 @@ def convergence_cmd(cfg: dict) -> dict:
     rate at the official 25 epochs, then budgets -> papers/lasp/convergence.json"""
     real = load_config(CONFIG, "real")
     cfg = with_variant({**cfg, "train": {**cfg["train"], "warmup_epochs": real["train"]["warmup_epochs"]}}, "lasp_v")
-    return convergence.study(cfg, SLUG, SLUG, "lasp_v", lambda tasks: [fit(t) for t in tasks],
+    return convergence.study(cfg, SLUG, SLUG, "lasp_v", convergence.one_by_one(fit),
                              lambda state, task: evaluate_lasp(state, task, "val")["top1"], int(real["epochs"]),
                              float(real["train"]["lr"]), convergence.STUDY_DATASETS, shots=int(cfg["b2n_shots"]),
                              make_task=convergence.base_class_task(cfg, bundle_for(cfg)), lr_factors=(1, 3, 10),

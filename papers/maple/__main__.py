@@ -127,7 +127,7 @@ def convergence_cmd(cfg: dict) -> dict:
     def base_task(name, data, shots, seed):
         return Task(cfg, bundle, subsample_classes(fewshot_split(data, shots, seed), "base"), shots, seed, None)
 
-    return convergence.study(cfg, SLUG, "maple", "", lambda tasks: [train_maple(t, cfg) for t in tasks],
+    return convergence.study(cfg, SLUG, "maple", "", convergence.one_by_one(lambda t: train_maple(t, cfg)),
                              lambda learner, task: evaluate(learner, task, split="val")["top1"],
                              int(real["epochs"]), float(real["train"]["lr"]), convergence.STUDY_DATASETS,
                              shots=int(cfg["b2n_shots"]), make_task=base_task, lr_factors=(1, 3, 10, 30),

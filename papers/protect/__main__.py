@@ -311,9 +311,8 @@ def convergence_cmd(cfg: dict) -> dict:
             return evaluate(model.node_embeddings(), model.scale, task, tax, cuts, "val")["mta"]
 
     def fit_one(t):
-        seed_everything(t.seed)
         return fit(t, tax, lam, p, f"{SLUG} convergence {name}", lambda m: mta(m, t))
-    return convergence.study(cfg, SLUG, SLUG, "", lambda tasks: [fit_one(t) for t in tasks], mta,
+    return convergence.study(cfg, SLUG, SLUG, "", convergence.one_by_one(fit_one), mta,
                              int(official["epochs"]), float(official["lr"]), [name], make_task=make_task,
                              lr_factors=(1, 10), note="the validation score is ProTeCt's MTA (mean tree-cut "
                              "accuracy over the fixed cuts), its headline metric; the taxonomic set only")

@@ -140,7 +140,7 @@ def convergence_cmd(cfg: dict) -> dict:
     official = load_config(CONFIG, "real")
     cfg = {**cfg, **{k: official[k] for k in ("epochs_by_shots", "t_early_by_shots", "rank_by_shots", "train")}}
     shots = int(cfg["b2n_shots"])
-    return convergence.study(cfg, SLUG, SLUG, "sub", lambda tasks: [fit(t, "sub") for t in tasks],
+    return convergence.study(cfg, SLUG, SLUG, "sub", convergence.one_by_one(lambda t: fit(t, "sub")),
                              lambda learner, task: evaluate_coop(learner, task, split="val")["top1"],
                              int(official["epochs_by_shots"][str(shots)]), float(official["train"]["lr"]),
                              convergence.STUDY_DATASETS, shots=shots, lr_factors=(1, 3, 10), fractions=(1,),

@@ -212,7 +212,7 @@ def convergence_cmd(cfg: dict) -> dict:
         return fit_adapter(tr["features"], tr["labels"], ds.num_classes, {**cfg["adapter"], **sched}, task.seed,
                            desc=f"svl adapter {ds.name}", val_score=(lambda a: val_top1(a, task))
                            if task.extra.get("on_eval") else None)
-    return convergence.study(cfg, SLUG, SLUG, "ssl", lambda tasks: [fit_one(t) for t in tasks], val_top1,
+    return convergence.study(cfg, SLUG, SLUG, "ssl", convergence.one_by_one(fit_one), val_top1,
                              int(official["epochs"]), float(official["lr"]), convergence.STUDY_DATASETS,
                              note="the adapter MLP on the dataset's SimCLR features (the SimCLR epochs were chosen "
                              "on val separately, config.yaml)")

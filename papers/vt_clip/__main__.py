@@ -95,7 +95,7 @@ def convergence_cmd(cfg: dict) -> dict:
     """convergence study at alpha 0.5 (16 shots, seed 1): learning rate at the 200 epochs of the config's recipe,
     then budgets -> papers/vt_clip/convergence.json"""
     real = load_config(CONFIG, "real")
-    return convergence.study(cfg, SLUG, SLUG, "alpha0.5", lambda tasks: [fit(t, 0.5) for t in tasks],
+    return convergence.study(cfg, SLUG, SLUG, "alpha0.5", convergence.one_by_one(lambda t: fit(t, 0.5)),
                              lambda model, task: top1(model, task, "val")["top1"], int(real["train"]["epochs"]),
                              float(real["train"]["lr"]), convergence.STUDY_DATASETS, lr_factors=(1, 3, 10),
                              note="residual ratio 0.5; no official schedule exists (the recipe is the project's, after "

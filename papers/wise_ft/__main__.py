@@ -189,7 +189,7 @@ def convergence_cmd(cfg: dict) -> dict:
         return finetune_end_to_end(zs, ds.train, {**cfg["e2e"], **task.extra["schedule"]}, b.image_size,
                                    *mean_std(b), task.seed, desc=f"wise_ft e2e {ds.name}",
                                    val_score=(lambda m: val_top1(m, task)) if task.extra.get("on_eval") else None)
-    return convergence.study(cfg, SLUG, SLUG, "e2e", lambda tasks: [fit_one(t) for t in tasks], val_top1,
+    return convergence.study(cfg, SLUG, SLUG, "e2e", convergence.one_by_one(fit_one), val_top1,
                              int(official["epochs"]), float(official["lr"]), [ref], make_task=make_task,
                              shots=int(cfg["dg_shots"] or 0), lr_factors=(1, 10), fractions=(1,),
                              note=f"end-to-end fine-tuning of the zero-shot model on {ref} "

@@ -1,7 +1,8 @@
 """The budget rule's arithmetic: studied budgets, the chosen learning rate and the justified budget."""
 import pytest
+import torch
 
-from common.engine import TrainConfig
+from common.engine import TrainConfig, convergence
 from common.engine.convergence import budgets, chosen_factor, justified, with_schedule
 
 
@@ -30,3 +31,11 @@ def test_a_study_overrides_epochs_and_lr_per_run():
     assert (cfg.epochs, cfg.lr, cfg.warmup_epochs) == (3, 0.5, 3)
     T.extra = {}
     assert with_schedule(TrainConfig(epochs=7), T()).epochs == 7
+
+
+def test_one_by_one_seeds_each_fit_with_its_task_seed():
+    """A run's random initialisation must not depend on the runs trained before it in a study."""
+    from types import SimpleNamespace
+    fit_many = convergence.one_by_one(lambda t: torch.randn(3))
+    a, b, c = fit_many([SimpleNamespace(seed=1), SimpleNamespace(seed=2), SimpleNamespace(seed=1)])
+    assert torch.equal(a, c) and not torch.equal(a, b)
