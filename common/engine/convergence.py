@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..atomic import write_text_atomic
 from ..data import build_dataset, fewshot_split
+from ..errors import TrainingDiverged
 from .train import TrainConfig
 
 TOLERANCE = 1.0             # points of validation accuracy
@@ -107,6 +108,10 @@ def study(cfg: dict, slug: str, method: str, variant: str, fit_many: Callable[[l
         states = fit_many(tasks)
         rows = []
         for sched, t, s in zip(schedules, tasks, states):
+            if isinstance(s, Diverged):
+                rows.append({**sched, "val": 0.0, "loss": None, "steps": None, "diverged": s.reason,
+                             "val_curve": [], "loss_curve": []})
+                continue
             hist = getattr(s, "train_history", None) or []
             rows.append({**sched, "val": round(float(val_accuracy(s, t)), 3),
                          "loss": round(float(hist[-1]["loss"]), 5) if hist else None,
@@ -139,17 +144,26 @@ def study(cfg: dict, slug: str, method: str, variant: str, fit_many: Callable[[l
     return record
 
 
+@dataclass
+class Diverged:
+    """A study run whose loss became non-finite (its learning rate is too large)."""
+    reason: str
+
+
 def one_by_one(fit: Callable[[Any], Any]) -> Callable[[list], list]:
     """`fit_many` for a method that trains one task at a time: each fit starts from the global RNG seeded with its
     task's seed (as `run_fewshot` does), so a run's initialisation and dropout do not depend on the runs before it
-    in the study."""
+    in the study. A run whose loss diverges is kept as `Diverged` (validation 0) instead of ending the study."""
     from .seed import seed_everything
 
     def fit_many(tasks: list) -> list:
         out = []
         for t in tasks:
             seed_everything(t.seed)
-            out.append(fit(t))
+            try:
+                out.append(fit(t))
+            except TrainingDiverged as err:   # a learning rate of the grid too large: that run scores 0, the study goes on
+                out.append(Diverged(str(err)))
         return out
     return fit_many
 

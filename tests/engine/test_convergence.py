@@ -39,3 +39,15 @@ def test_one_by_one_seeds_each_fit_with_its_task_seed():
     fit_many = convergence.one_by_one(lambda t: torch.randn(3))
     a, b, c = fit_many([SimpleNamespace(seed=1), SimpleNamespace(seed=2), SimpleNamespace(seed=1)])
     assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def test_one_by_one_keeps_a_diverged_run_and_goes_on():
+    from types import SimpleNamespace
+    from common.errors import TrainingDiverged
+
+    def fit(t):
+        if t.lr > 1:
+            raise TrainingDiverged("loss is nan at epoch 5")
+        return t.lr
+    out = convergence.one_by_one(fit)([SimpleNamespace(seed=1, lr=10), SimpleNamespace(seed=1, lr=0.1)])
+    assert isinstance(out[0], convergence.Diverged) and "nan" in out[0].reason and out[1] == 0.1
