@@ -160,7 +160,7 @@ class Report:
                f"**{record['justified_epochs']} epochs** (official {record['official_epochs']}). config.yaml's embedded "
                f"profile trains {epochs} epochs at lr {float(lr):g} ({b['epochs']}, {b['lr']}): justified."]
         diverged = [f"x{r['lr'] / record['official_lr']:g} on {d}" for d in sorted(record["datasets"])
-                    for r in record["datasets"][d]["lr_grid"] if r.get("diverged")]
+                    for r in record["datasets"][d].get("lr_grid", []) if r.get("diverged")]
         if diverged:
             out += ["", f"Diverged (the loss became non-finite, scored 0): {', '.join(diverged)}."]
         stale = stale_note(record)
