@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import metrics
-from papers.coop.method import coop_logits
+from papers.coop.method import coop_logits, run_class_embeddings
 
 from .taxonomy import Taxonomy, TreeCut
 
@@ -97,7 +97,9 @@ class ProTeCt(nn.Module):
         self.index = NodeIndex(taxonomy)
 
     def node_embeddings(self) -> torch.Tensor:
-        return self.prompt.class_embeddings()
+        """(n_nodes, D) normalised node prompts; CoOp's layout goes through the shared-prefix encoder (the SOS and
+        context states once, then each node name's few tokens: the same numbers, a fraction of the cost)."""
+        return run_class_embeddings([self.prompt])[0]
 
     def node_logits(self, image_features: torch.Tensor, node_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n_nodes) scaled cosine logits against every node prompt."""

@@ -229,6 +229,18 @@ def test_gradients_only_into_the_prompt_context(tax, tiny_vit):
         assert torch.allclose(model.node_embeddings()[tax.leaf_nodes], coop.class_embeddings(), atol=1e-5)
 
 
+def test_node_embeddings_through_the_shared_prefix_equal_the_full_prompts(tax, tiny_vit):
+    """The cheap path (SOS + context encoded once, then each node name's tokens) gives the full encoder's numbers,
+    gradients included."""
+    prompt = PromptLearner(tiny_vit, tax.prompt_names, n_ctx=16)
+    model = ProTeCt(tax, prompt, scale=float(tiny_vit.model.logit_scale.exp()))
+    fast, full = model.node_embeddings(), prompt.class_embeddings()
+    assert torch.allclose(fast, full, atol=1e-5)
+    g_fast, = torch.autograd.grad(fast.sum(), prompt.ctx)
+    g_full, = torch.autograd.grad(full.sum(), prompt.ctx)
+    assert torch.allclose(g_fast, g_full, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------- entry point
 def test_missing_hierarchy_is_a_clear_error(tmp_path, tiny_vit, capsys):
     ds = Dataset("plain", list(TOY_CLASSES), "a photo of a {}.", [], [], [])
