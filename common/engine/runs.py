@@ -46,6 +46,15 @@ def run_dir(paper: str, protocol: str, profile: str, dataset: str, backbone: str
     return root / paper / protocol / profile / ds / name / backbone / f"{shot}-seed{seed}"
 
 
+def kept(path: Path, paper: str, what: str = "prompt") -> Path:
+    """`path` of something `train` kept for a later `eval` (a learned prompt), or a clear error saying how to make it."""
+    from ..errors import MissingDataError
+    if not Path(path).is_file():
+        raise MissingDataError(f"no trained {what} at {path}: run `python -m papers.{paper} train` with the same "
+                               f"options first")
+    return Path(path)
+
+
 def write_record(record: dict[str, Any], root: Path | str | None = None) -> Path:
     """Validate and write a run record to its canonical ``metrics.json``; returns the path. Under torchrun only
     rank 0 writes (every rank computed the same record)."""

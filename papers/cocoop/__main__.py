@@ -18,6 +18,7 @@ from common.config import load_config
 from common.engine import convergence
 from common.data import build_dataset, subsample_classes
 from common.engine import load_records
+from common.engine.runs import kept
 from common.engine.protocols import Task, bundle_for, checkpoint_dir, run_base2novel, run_transfer
 from common.engine.threads import torch_threads
 from common.paths import runs_root
@@ -60,9 +61,7 @@ def eval_kept_base2novel(cfg: dict, slug: str, method: str, var: str, load: Call
     for name in cfg["datasets"]:
         full = build_dataset(name, cfg["data_root"])  # test splits do not depend on the few-shot sample
         for seed in cfg["seeds"]:
-            path = checkpoint_dir(cfg, slug, "base2novel", name, method, shots, seed, var) / PROMPT_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.{slug} train` first")
+            path = kept(checkpoint_dir(cfg, slug, "base2novel", name, method, shots, seed, var) / PROMPT_FILE, slug)
             learner = load(path, bundle)
             row = {split: evaluate_fn(learner, Task(cfg, bundle, subsample_classes(full, split), shots, seed, None))["top1"]
                    for split in ("base", "new")}

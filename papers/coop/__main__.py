@@ -18,6 +18,7 @@ from common.config import load_config
 from common.engine import convergence
 from common.data import build_dataset
 from common.engine import load_records
+from common.engine.runs import kept
 from common.engine.protocols import (Task, bundle_for, checkpoint_dir, run_base2novel, run_fewshot,
                                      run_transfer)
 
@@ -64,10 +65,7 @@ def eval_kept_prompts(cfg: dict, slug: str, variant: str, load: Callable, evalua
         target = build_dataset(cfg.get("eval_on") or name, cfg["data_root"])
         for k in cfg["shots"]:
             for seed in cfg["seeds"]:
-                path = checkpoint_dir(cfg, slug, "fewshot", name, slug, k, seed, variant) / PROMPT_FILE
-                if not path.is_file():
-                    raise FileNotFoundError(f"no trained prompt at {path}: run `python -m papers.{slug} train` "
-                                            f"with the same options first")
+                path = kept(checkpoint_dir(cfg, slug, "fewshot", name, slug, k, seed, variant) / PROMPT_FILE, slug)
                 values = evaluate_fn(load(path, bundle), Task(cfg, bundle, target, k, seed, None))
                 rec = load_records(paper=slug, protocol="fewshot", dataset=name, shots=k, seed=seed, variant=variant,
                                    backbone=cfg["arch"])

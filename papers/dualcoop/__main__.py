@@ -36,7 +36,7 @@ from common.data import build_dataset
 from common.engine import TrainConfig, convergence, run_dir, write_record
 from common.engine.cache import cached_features
 from common.engine.protocols import Task, bundle_for, record_exists
-from common.engine.runs import load_records, print_record
+from common.engine.runs import kept, load_records, print_record
 from common.engine.threads import threaded
 from common.errors import ConfigError
 from common.metrics import mean_average_precision
@@ -375,11 +375,8 @@ def eval_(cfg: dict) -> list[dict]:
         Xte, Yte = region_features(cfg, bundle, data, "test", cfg["input_scale"]), multi_hot(data.test, data.num_classes)
         for pp in cfg["label_proportions"]:
             for s in cfg["seeds"]:
-                folder = run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, pp, s, "")
-                if not (folder / PROMPT_FILE).is_file():
-                    raise FileNotFoundError(f"no trained prompt at {folder / PROMPT_FILE}: run `python -m papers.dualcoop "
-                                            f"train` with the same options first")
-                value = mean_average_precision(predict(load_learner(folder / PROMPT_FILE, bundle, DualPrompt), Xte), Yte)
+                path = kept(run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, pp, s, "") / PROMPT_FILE, SLUG)
+                value = mean_average_precision(predict(load_learner(path, bundle, DualPrompt), Xte), Yte)
                 rec = load_records(paper=SLUG, protocol=PROTOCOL, dataset=name, method=SLUG, shots=pp, seed=s, variant="")
                 stored = rec[0]["metrics"]["mAP"] if rec else None
                 print(f"{name} {pp}% seed={s} mAP {value:6.2f}" + (f"  (record {stored:6.2f})" if stored is not None else ""))

@@ -28,7 +28,7 @@ from common.data import build_dataset, fewshot_split
 from common.engine import convergence, load_records
 from common.engine.cells import owns
 from common.engine.protocols import Task, _record, bundle_for, checkpoint_dir, group_dir, record_exists
-from common.engine.runs import print_record, write_record
+from common.engine.runs import kept, print_record, write_record
 from common.engine.train import take_resumed_seconds
 from common.errors import ConfigError
 
@@ -119,10 +119,7 @@ def eval_(cfg: dict) -> list[dict]:
     datasets = list(cfg["datasets"])
     for k in cfg["shots"]:
         for seed in cfg["seeds"]:
-            path = checkpoint_dir(cfg, SLUG, "fewshot", GROUP, method, k, seed, variant) / PROMPT_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"no trained learner at {path}: run `python -m papers.softcpt train` with "
-                                        f"the same options first")
+            path = kept(checkpoint_dir(cfg, SLUG, "fewshot", GROUP, method, k, seed, variant) / PROMPT_FILE, SLUG, "learner")
             learner = load_learner(path, bundle)
             (run,) = joint_runs(cfg, [(k, seed)], datasets)
             for task, values in zip(run.tasks, evaluate_run(learner, run, 0)):

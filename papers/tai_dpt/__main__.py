@@ -34,7 +34,7 @@ from common.data import build_dataset
 from common.engine import TrainConfig, convergence, run_dir, write_record
 from common.engine.cache import cached_features
 from common.engine.protocols import Task, bundle_for, record_exists
-from common.engine.runs import load_records, print_record
+from common.engine.runs import kept, load_records, print_record
 from common.engine.threads import threaded
 from common.errors import ConfigError, MissingDataError
 from common.metrics import mean_average_precision
@@ -377,10 +377,7 @@ def eval_(cfg: dict) -> list[dict]:
         data = load_dataset(name, cfg)
         Xte, Yte = image_features(cfg, bundle, data, "test"), multi_hot(data.test, data.num_classes)
         for s in cfg["seeds"]:
-            path = run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, None, s, "") / PROMPT_FILE
-            if not path.is_file():
-                raise MissingDataError(f"no trained prompt at {path}: run `python -m papers.tai_dpt train` with the "
-                                       f"same options first")
+            path = kept(run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, None, s, "") / PROMPT_FILE, SLUG)
             sc = _scores(load_learner(path, bundle, DoubleGrainedPrompt), Xte, cfg)
             vals = {k: mean_average_precision(v, Yte) for k, v in sc.items()}
             rec = load_records(paper=SLUG, protocol=PROTOCOL, dataset=name, method=SLUG, shots=None, seed=s, variant="")

@@ -1,3 +1,4 @@
+import pytest
 import torch.nn as nn
 
 from common.config import load_config
@@ -101,3 +102,13 @@ def test_backbone_configs_and_their_problems(tmp_path, tiny_rn):
     problems = backbone_problems(bad)
     assert len(problems) == 3 and "does not exist" in problems[0] and "names no arch" in problems[1]
     assert "unknown CLIP architecture" in problems[2]
+
+
+def test_kept_names_the_missing_prompt_and_the_command_that_makes_it(tmp_path):
+    from common.engine.runs import kept
+    from common.errors import MissingDataError
+    path = tmp_path / "prompt.pt"
+    with pytest.raises(MissingDataError, match=r"no trained prompt at .*prompt.pt: run `python -m papers.coop train`"):
+        kept(path, "coop")
+    path.write_bytes(b"x")
+    assert kept(path, "coop") == path
