@@ -78,14 +78,15 @@ def study(cfg: dict, slug: str, method: str, variant: str, fit_many: Callable[[l
           val_accuracy: Callable[[Any, Any], float], official_epochs: int, official_lr: float, datasets: Sequence[str],
           shots: int = 16, seed: int = 1, out: str | Path | None = None, make_task: Callable | None = None,
           note: str = "", lr_factors: Sequence[float] = LR_FACTORS,
-          fractions: Sequence[float] = FRACTIONS) -> dict:
+          fractions: Sequence[float] = FRACTIONS, load: Callable[[str], Any] | None = None) -> dict:
     """Run a convergence study and write its record (`papers/<slug>/convergence.json` by default).
 
     `fit_many(tasks) -> states` trains the tasks together, honouring `task.extra["schedule"]` (epochs, lr);
     `val_accuracy(state, task)` scores a trained state on the task's validation split (top-1 %); the method
     logs a validation curve of the runs whose task has `extra["on_eval"]`. `make_task(name, dataset, shots,
     seed)` builds a protocol task (default: a few-shot task). `fractions=(1,)` studies the learning rate only, at
-    the official budget (methods whose claims are about late training keep the official schedule)."""
+    the official budget (methods whose claims are about late training keep the official schedule). `load(name)`
+    reads a study "dataset" (default: the registry's dataset of that name; a multitask stage loads its group)."""
     from .protocols import Task, bundle_for
 
     bundle = bundle_for(cfg)
@@ -122,7 +123,7 @@ def study(cfg: dict, slug: str, method: str, variant: str, fit_many: Callable[[l
                                         for h in hist if "step" in h]})
         return rows
 
-    loaded = {name: build_dataset(name, cfg["data_root"]) for name in datasets}
+    loaded = {name: (load(name) if load is not None else build_dataset(name, cfg["data_root"])) for name in datasets}
     lr_rows = {name: train(name, data, [{"epochs": official_epochs, "lr": official_lr * f} for f in lr_factors], None)
                for name, data in loaded.items()}
     record["mean_val_by_lr"] = {str(f): round(sum(rows[i]["val"] for rows in lr_rows.values()) / len(lr_rows), 3)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from common.cli import inputs, run_cli
 from common.config import load_config
 from common.data import build_dataset, fewshot_split
+from common.engine import convergence
 from common.engine.protocols import (BatchedFit, Task, _finish, _record, bundle_for, checkpoint_dir, record_exists,
                                      run_fewshot)
 from common.errors import ConfigError
@@ -65,10 +67,29 @@ def source_tasks(cfg: dict, bundle, task_cfg: dict | None = None) -> list[Task]:
             for n in cfg["sources"]]
 
 
+def source_budget(cfg: dict, family: str) -> dict:
+    """The family's source-stage budget from `source.budget.<family>` ({epochs, lr}), {} for its own schedule."""
+    return dict(((cfg["source"].get("budget") or {}).get(family)) or {})
+
+
+def source_config(cfg: dict, family: str, fcfg: dict) -> dict:
+    """The family's config for its source stage: its own, or with the epochs and lr of `source.budget.<family>`."""
+    b = source_budget(cfg, family)
+    if not b:
+        return fcfg
+    out = copy.deepcopy(fcfg)
+    out["epochs"] = int(b["epochs"])
+    out["train"] = {**(out.get("train") or {}), "lr": float(b["lr"])}
+    return out
+
+
 def source_prompt(cfg: dict, family: str, fcfg: dict, tasks: list[Task]):
-    """The family's multitask source prompt: trained (and kept as `source_prompt.pt`), or loaded when kept."""
+    """The family's multitask source prompt: trained (and kept as `source_prompt.pt`), or loaded when kept (the
+    folder names a `source.budget` so that another budget never loads it)."""
+    b = source_budget(cfg, family)
+    budget = f"-e{int(b['epochs'])}-lr{float(b['lr']):g}" if b else ""
     folder = checkpoint_dir(cfg, SLUG, "source", "+".join(cfg["sources"]), METHODS[family][1], int(cfg["source"]["shots"]),
-                            int(cfg["source"]["seed"]), variant_of(family, fcfg))
+                            int(cfg["source"]["seed"]), variant_of(family, fcfg) + budget)
     path = folder / "source_prompt.pt"
     if path.is_file() and not cfg.get("force"):
         from .method import MultiTask
@@ -76,7 +97,8 @@ def source_prompt(cfg: dict, family: str, fcfg: dict, tasks: list[Task]):
         learner = build_family(family, tasks[0].bundle, mt.classnames, fcfg, mt.templates, mt.sizes)
         learner.load_state_dict(torch.load(path, map_location="cpu"), strict=False)
         return learner, mt
-    learner, mt = train_source(family, tasks, fcfg, out_dir=folder, seed=int(cfg["source"]["seed"]),
+    learner, mt = train_source(family, tasks, source_config(cfg, family, fcfg), out_dir=folder,
+                               seed=int(cfg["source"]["seed"]),
                                desc=f"{METHODS[family][1]} source {'+'.join(cfg['sources'])}")
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({n: p.detach().clone() for n, p in learner.named_parameters() if p.requires_grad}, path)
@@ -180,6 +202,45 @@ def eval_(cfg: dict) -> list[dict]:
     return rows
 
 
+# MVLPT's source-stage recipe: configs/trainers/MVLPT/vit_b16.yaml (SGD lr 0.002, 200 epochs)
+OFFICIAL_SOURCE = {"epochs": 200, "lr": 0.002}
+
+
+@inputs(datasets=lambda cfg: list(cfg["sources"]))
+def convergence_cmd(cfg: dict) -> dict:
+    """convergence study of the multitask source stage of the text family (MCoOp: `source.shots` shots, seed
+    `source.seed`, every source in one joint run, scored by the mean of the source tasks' val top-1, each on its
+    own classes): lr = official x {1, 3, 10} at the official 200 epochs, then budgets -> papers/mvlpt/convergence.json"""
+    family = "coop"
+    fcfg, bundle = family_config(cfg, family), bundle_for(cfg)
+    group = "+".join(cfg["sources"])
+    shots, seed = int(cfg["source"]["shots"]), int(cfg["source"]["seed"])
+
+    def make_task(name, data, k, s):
+        return SimpleNamespace(extra={}, seed=s, tasks=source_tasks(cfg, bundle, fcfg))
+
+    def source_val(learner, mt, tasks) -> float:
+        was = learner.training
+        learner.eval()
+        vals = evaluate_union(family, learner, mt, tasks, split="val")
+        learner.train(was)
+        return sum(v["top1"] for v in vals) / len(vals)
+
+    def fit(run):
+        run.tasks[0].extra = run.extra            # the study's schedule (and curve flag) reach train_source
+        learner, mt = train_source(family, run.tasks, fcfg, seed=seed, desc=f"mcoop source study {group}",
+                                   val_score=lambda l, m: source_val(l, m, run.tasks))
+        return SimpleNamespace(pair=(learner, mt), train_history=learner.train_history, val_history=learner.val_history)
+
+    return convergence.study(cfg, SLUG, "mcoop_source", coop_variant(fcfg), convergence.one_by_one(fit),
+                             lambda state, run: source_val(*state.pair, run.tasks), OFFICIAL_SOURCE["epochs"],
+                             OFFICIAL_SOURCE["lr"], [group], shots=shots, seed=seed, make_task=make_task,
+                             load=lambda name: None, lr_factors=(1, 3, 10),
+                             note=f"the text family's multitask source stage (MCoOp, {coop_variant(fcfg)}) on "
+                                  f"{', '.join(cfg['sources'])} jointly; the score is the mean of the source tasks' "
+                                  f"validation top-1, each on its own classes")
+
+
 def validate(cfg: dict) -> list[str]:
     problems = []
     fams = cfg.get("families") or []
@@ -205,6 +266,11 @@ def validate(cfg: dict) -> list[str]:
         v = src.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             problems.append(f"source.{key} must be an integer >= 1, got {v!r}")
+    for fam, b in (src.get("budget") or {}).items():
+        if fam not in FAMILIES:
+            problems.append(f"source.budget: unknown family {fam!r}; expected some of {FAMILIES}")
+        elif b and set(b) != {"epochs", "lr"}:
+            problems.append(f"source.budget.{fam} must set epochs and lr (or be null for the family's own), got {b!r}")
     try:
         coop_main.with_variant(load_config(coop_main.CONFIG, cfg["profile"]), (cfg.get("coop") or {}).get("variant"))
     except ValueError as err:
@@ -213,7 +279,7 @@ def validate(cfg: dict) -> list[str]:
 
 
 def main(argv=None):
-    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce},
+    return run_cli(SLUG, CONFIG, {"train": train, "eval": eval_, "reproduce": reproduce, "convergence": convergence_cmd},
                    "MVLPT (Shen et al., WACV 2024): prompts (CoOp text, VPT visual, UPT unified) trained jointly on "
                    "several source datasets initialise few-shot prompt tuning on unseen target datasets.", argv,
                    validate=validate)

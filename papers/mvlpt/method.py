@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from common.clip import logit_scale, zeroshot_classifier
 from common.engine import Trainer, classification_metrics, index_batches
-from common.engine.convergence import with_schedule
+from common.engine.convergence import epoch_validation, keep_history, with_schedule
 from common.engine.protocols import Task
 from common.engine.seed import seed_everything
 from common.engine.threads import torch_threads
@@ -138,9 +138,11 @@ def union_logits(family: str, learner: nn.Module, x: torch.Tensor, scale: float)
 
 
 def train_source(family: str, tasks: Sequence[Task], cfg: dict, out_dir=None, seed: int = 1,
-                 desc: str | None = None) -> tuple[nn.Module, MultiTask]:
+                 desc: str | None = None, val_score: Callable | None = None) -> tuple[nn.Module, MultiTask]:
     """Stage 1: one prompt of `family` trained on the concatenated source tasks (random batches over all of
-    them); returns the learner (for the union class names) and the label space."""
+    them); returns the learner (for the union class names) and the label space. `tasks[0].extra["schedule"]`
+    overrides the budget (a convergence study), whose validation curve `val_score(learner, mt)` draws when
+    `tasks[0].extra["on_eval"]` is set."""
     mt = MultiTask.of([t.dataset for t in tasks])
     bundle = tasks[0].bundle
     bundle.model.eval()
@@ -167,8 +169,9 @@ def train_source(family: str, tasks: Sequence[Task], cfg: dict, out_dir=None, se
 
     trainer = Trainer(learner, tcfg, out_dir, desc=desc or f"{family} multitask source x{len(tasks)}")
     with torch_threads(coop.option(cfg, "threads")):
-        history = trainer.fit(step, batches)
-    learner.train_history = history
+        history = trainer.fit(step, batches, epoch_validation(tasks[0], lambda: val_score(learner, mt))
+                              if val_score is not None else None)
+    keep_history(learner, history)
     return learner, mt
 
 

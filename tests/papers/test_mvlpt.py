@@ -139,3 +139,23 @@ def test_reproduce_smoke(tmp_path, tiny_vit):
     assert {(r["family"], r["dataset"]) for r in rows} == {("coop", "toy"), ("vpt", "toy"), ("upt", "toy")}
     src = {(r["family"]): r["top1"] for r in rows}
     assert round(src["upt"], 4) == by["mupt_source"]["metrics"]["top1"]
+
+
+def test_source_stage_convergence_study_and_its_budget(tmp_path, tiny_vit, monkeypatch):
+    """The study trains the text family's multitask source stage at each lr and budget and records the mean of the
+    source tasks' val top-1; `source.budget` then sets that stage's epochs and lr (and names its prompt folder)."""
+    args = toy_overrides(tmp_path, tiny_vit, {"sources": "[toy]", "targets": "[toy_shift]", "source.shots": 2})
+    monkeypatch.setattr(mvlpt_main, "OFFICIAL_SOURCE", {"epochs": 2, "lr": 0.002})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "papers" / "mvlpt").mkdir(parents=True)
+    record = mvlpt_main.main(["convergence", *args])
+    assert record["method"] == "mcoop_source" and record["budgets"] == [1, 2] and record["lr_factors"] == [1, 3, 10]
+    assert set(record["datasets"]) == {"toy"} and record["justified_epochs"] in (1, 2)
+    rows = record["datasets"]["toy"]["lr_grid"]
+    assert [r["lr"] for r in rows] == pytest.approx([0.002, 0.006, 0.02]) and all(0 <= r["val"] <= 100 for r in rows)
+    assert record["datasets"]["toy"]["val_curve"]                       # the official-budget run's curve
+    assert (tmp_path / "papers" / "mvlpt" / "convergence.json").is_file()
+    cfg = {"source": {"budget": {"coop": {"epochs": 7, "lr": 0.05}}}}
+    fcfg = mvlpt_main.source_config(cfg, "coop", {"epochs": None, "train": {"lr": 0.02, "momentum": 0.9}})
+    assert fcfg == {"epochs": 7, "train": {"lr": 0.05, "momentum": 0.9}}
+    assert mvlpt_main.source_config(cfg, "upt", {"epochs": None}) == {"epochs": None}
