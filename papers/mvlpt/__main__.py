@@ -25,6 +25,7 @@ from common.cli import inputs, run_cli
 from common.config import load_config
 from common.data import build_dataset, fewshot_split
 from common.engine import convergence
+from common.engine.runs import kept
 from common.engine.protocols import (BatchedFit, Task, _finish, _record, bundle_for, checkpoint_dir, record_exists,
                                      run_fewshot)
 from common.errors import ConfigError
@@ -83,13 +84,17 @@ def source_config(cfg: dict, family: str, fcfg: dict) -> dict:
     return out
 
 
-def source_prompt(cfg: dict, family: str, fcfg: dict, tasks: list[Task]):
-    """The family's multitask source prompt: trained (and kept as `source_prompt.pt`), or loaded when kept (the
-    folder names a `source.budget` so that another budget never loads it)."""
+def source_folder(cfg: dict, family: str, fcfg: dict) -> Path:
+    """Where the family's source prompt is kept; the folder names a `source.budget`, so another budget never loads it."""
     b = source_budget(cfg, family)
     budget = f"-e{int(b['epochs'])}-lr{float(b['lr']):g}" if b else ""
-    folder = checkpoint_dir(cfg, SLUG, "source", "+".join(cfg["sources"]), METHODS[family][1], int(cfg["source"]["shots"]),
-                            int(cfg["source"]["seed"]), variant_of(family, fcfg) + budget)
+    return checkpoint_dir(cfg, SLUG, "source", "+".join(cfg["sources"]), METHODS[family][1], int(cfg["source"]["shots"]),
+                          int(cfg["source"]["seed"]), variant_of(family, fcfg) + budget)
+
+
+def source_prompt(cfg: dict, family: str, fcfg: dict, tasks: list[Task]):
+    """The family's multitask source prompt: trained (and kept as `source_prompt.pt`), or loaded when kept."""
+    folder = source_folder(cfg, family, fcfg)
     path = folder / "source_prompt.pt"
     if path.is_file() and not cfg.get("force"):
         from .method import MultiTask
@@ -190,11 +195,7 @@ def eval_(cfg: dict) -> list[dict]:
     for family in cfg["families"]:
         fcfg = family_config(cfg, family)
         tasks = source_tasks(cfg, bundle, fcfg)
-        folder = checkpoint_dir(cfg, SLUG, "source", "+".join(cfg["sources"]), METHODS[family][1],
-                                int(cfg["source"]["shots"]), int(cfg["source"]["seed"]), variant_of(family, fcfg))
-        if not (folder / "source_prompt.pt").is_file():
-            raise FileNotFoundError(f"no source prompt at {folder / 'source_prompt.pt'}: run `python -m papers.mvlpt "
-                                    f"train` with the same options first")
+        kept(source_folder(cfg, family, fcfg) / "source_prompt.pt", SLUG, "source prompt")
         learner, mt = source_prompt({**cfg, "force": False}, family, fcfg, tasks)
         for task, values in zip(tasks, evaluate_union(family, learner, mt, tasks)):
             print(f"{METHODS[family][1]:>6s} source prompt on {task.dataset.name:<16s} top1 {values['top1']:6.2f}")
