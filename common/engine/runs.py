@@ -101,6 +101,13 @@ def load_records(root: Path | str | None = None, **filters: Any) -> list[dict[st
     return out
 
 
+def beside_record(metric: str, **filters: Any) -> str:
+    """`"  (record 12.34)"`: the stored run record's `metric`, printed beside a re-evaluation of the same run; "" when
+    no record matches `filters` (see `load_records`)."""
+    rec = load_records(**filters)
+    return f"  (record {rec[0]['metrics'][metric]:6.2f})" if rec else ""
+
+
 def iter_metric(records: Iterable[dict[str, Any]], metric: str) -> list[float]:
     return [float(r["metrics"][metric]) for r in records if metric in r["metrics"]]
 

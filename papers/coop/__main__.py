@@ -17,8 +17,7 @@ from common.cli import inputs, run_cli
 from common.config import load_config
 from common.engine import convergence
 from common.data import build_dataset
-from common.engine import load_records
-from common.engine.runs import kept
+from common.engine.runs import beside_record, kept
 from common.engine.protocols import (Task, bundle_for, checkpoint_dir, run_base2novel, run_fewshot,
                                      run_transfer)
 
@@ -67,11 +66,9 @@ def eval_kept_prompts(cfg: dict, slug: str, variant: str, load: Callable, evalua
             for seed in cfg["seeds"]:
                 path = kept(checkpoint_dir(cfg, slug, "fewshot", name, slug, k, seed, variant) / PROMPT_FILE, slug)
                 values = evaluate_fn(load(path, bundle), Task(cfg, bundle, target, k, seed, None))
-                rec = load_records(paper=slug, protocol="fewshot", dataset=name, shots=k, seed=seed, variant=variant,
-                                   backbone=cfg["arch"])
-                stored = rec[0]["metrics"]["top1"] if rec and target.name == name else None
-                print(f"{name:>16s} -> {target.name:<16s} k={k:<2d} seed={seed} top1 {values['top1']:6.2f}"
-                      + (f"  (record {stored:6.2f})" if stored is not None else ""))
+                note = beside_record("top1", paper=slug, protocol="fewshot", dataset=name, shots=k, seed=seed,
+                                     variant=variant, backbone=cfg["arch"]) if target.name == name else ""
+                print(f"{name:>16s} -> {target.name:<16s} k={k:<2d} seed={seed} top1 {values['top1']:6.2f}{note}")
                 out.append({"dataset": name, "eval_on": target.name, "shots": k, "seed": seed, **values})
     return out
 

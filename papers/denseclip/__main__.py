@@ -301,10 +301,9 @@ def reproduce(cfg: dict) -> None:
 @inputs(weights=False)
 def figure(cfg: dict) -> list[Path]:
     """image / ground truth / prediction overlays of the saved test images, drawn to figure_dir"""
-    from papers.maskclip.plot import TITLES, overlay_figures
-    TITLES.setdefault("baseline", "CLIP + FPN (no language)")
-    TITLES.setdefault("post", "DenseCLIP")
-    return overlay_figures(cfg, SLUG, PROTOCOL, "DenseCLIP")
+    from papers.maskclip.plot import overlay_figures
+    return overlay_figures(cfg, SLUG, PROTOCOL, "DenseCLIP",
+                           titles={"baseline": "CLIP + FPN (no language)", "post": "DenseCLIP"})
 
 
 @inputs("datasets")

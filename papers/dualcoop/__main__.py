@@ -36,7 +36,7 @@ from common.data import build_dataset
 from common.engine import TrainConfig, convergence, run_dir, write_record
 from common.engine.cache import cached_features
 from common.engine.protocols import Task, bundle_for, record_exists
-from common.engine.runs import kept, load_records, print_record
+from common.engine.runs import beside_record, kept, print_record
 from common.engine.threads import threaded
 from common.errors import ConfigError
 from common.metrics import mean_average_precision
@@ -377,9 +377,9 @@ def eval_(cfg: dict) -> list[dict]:
             for s in cfg["seeds"]:
                 path = kept(run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, pp, s, "") / PROMPT_FILE, SLUG)
                 value = mean_average_precision(predict(load_learner(path, bundle, DualPrompt), Xte), Yte)
-                rec = load_records(paper=SLUG, protocol=PROTOCOL, dataset=name, method=SLUG, shots=pp, seed=s, variant="")
-                stored = rec[0]["metrics"]["mAP"] if rec else None
-                print(f"{name} {pp}% seed={s} mAP {value:6.2f}" + (f"  (record {stored:6.2f})" if stored is not None else ""))
+                note = beside_record("mAP", paper=SLUG, protocol=PROTOCOL, dataset=name, method=SLUG, shots=pp, seed=s,
+                                     variant="")
+                print(f"{name} {pp}% seed={s} mAP {value:6.2f}{note}")
                 out.append({"dataset": name, "label_percent": pp, "seed": s, "mAP": value})
     return out
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.paths import runs_root
 from common.report.figures import STYLE, plt, save
 
 TITLES = {"naive": "naive (query-key)", "raw": "MaskCLIP", "ks": "MaskCLIP + KS", "pd": "MaskCLIP + PD",
@@ -29,7 +30,8 @@ def overlay(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, ignore: 
     return out
 
 
-def overlay_figure(npz: str | Path, path: Path, title: str = "MaskCLIP") -> Path:
+def overlay_figure(npz: str | Path, path: Path, title: str = "MaskCLIP", titles: dict | None = None) -> Path:
+    """`titles`: column titles of variants beyond (or instead of) MaskCLIP's `TITLES`."""
     data = np.load(npz)
     images, masks = data["image"], data["mask"].astype(np.int64)
     names = [str(c) for c in data["classnames"]]
@@ -39,7 +41,8 @@ def overlay_figure(npz: str | Path, path: Path, title: str = "MaskCLIP") -> Path
     k = len(names)
     colours = palette(k + 1)                      # the last colour: any extra (distractor) class
     names_shown = names + ["(other vocabulary class)"]
-    cols = ["image", "ground truth"] + [TITLES.get(v, v) for v in variants]
+    titles = {**TITLES, **(titles or {})}
+    cols = ["image", "ground truth"] + [titles.get(v, v) for v in variants]
     n = len(images)
     present = sorted({int(c) for arr in [masks, *preds.values()] for c in np.unique(arr) if 0 <= c <= k and c != ignore})
     with plt.rc_context(STYLE):
@@ -61,14 +64,13 @@ def overlay_figure(npz: str | Path, path: Path, title: str = "MaskCLIP") -> Path
         return save(fig, path)
 
 
-def overlay_figures(cfg: dict, slug: str, protocol: str, method: str) -> list[Path]:
+def overlay_figures(cfg: dict, slug: str, protocol: str, method: str, titles: dict | None = None) -> list[Path]:
     """Every saved test-image prediction (`overlays_<arch>.npz` of a run folder) drawn to cfg["figure_dir"]."""
-    from common.paths import runs_root
     made = []
     for npz in sorted((runs_root() / slug / protocol / cfg["profile"]).glob("*/overlays_*.npz")):
         arch, dataset = npz.stem[len("overlays_"):], npz.parent.name
         out = Path(cfg["figure_dir"]) / f"overlays_{cfg['profile']}_{dataset}_{arch}.png"
-        made.append(overlay_figure(npz, out, title=f"{method} on {dataset}, {arch} ({cfg['profile']})"))
+        made.append(overlay_figure(npz, out, title=f"{method} on {dataset}, {arch} ({cfg['profile']})", titles=titles))
         print(made[-1])
     if not made:
         print(f"no saved predictions to draw yet: run `python -m papers.{slug} reproduce` first")

@@ -25,14 +25,14 @@ from common.atomic import write_text_atomic
 from common.cli import inputs, run_cli
 from common.config import load_config
 from common.data import build_dataset, fewshot_split
-from common.engine import convergence, load_records
+from common.engine import convergence
 from common.engine.cells import owns
 from common.engine.protocols import Task, _record, bundle_for, checkpoint_dir, group_dir, record_exists
-from common.engine.runs import kept, print_record, write_record
+from common.engine.runs import beside_record, kept, print_record, write_record
 from common.engine.train import take_resumed_seconds
 from common.errors import ConfigError
 
-from .method import (LEARNER_KEYS, SHARINGS, JointRun, evaluate_run, load_learner, parameter_count, save_learner,
+from .method import (SHARINGS, JointRun, evaluate_run, load_learner, parameter_count, save_learner,
                      task_weights, train_joint_many, variant_name)
 
 SLUG = "softcpt"
@@ -123,11 +123,10 @@ def eval_(cfg: dict) -> list[dict]:
             learner = load_learner(path, bundle)
             (run,) = joint_runs(cfg, [(k, seed)], datasets)
             for task, values in zip(run.tasks, evaluate_run(learner, run, 0)):
-                rec = load_records(paper=SLUG, protocol="fewshot", dataset=task.dataset.name, shots=k, seed=seed,
-                                   variant=variant, method=method, backbone=cfg["arch"], profile=cfg["profile"])
-                stored = rec[0]["metrics"]["top1"] if rec else None
-                print(f"{task.dataset.name:>16s} k={k:<2d} seed={seed} top1 {values['top1']:6.2f}"
-                      + (f"  (record {stored:6.2f})" if stored is not None else ""))
+                note = beside_record("top1", paper=SLUG, protocol="fewshot", dataset=task.dataset.name, shots=k,
+                                     seed=seed, variant=variant, method=method, backbone=cfg["arch"],
+                                     profile=cfg["profile"])
+                print(f"{task.dataset.name:>16s} k={k:<2d} seed={seed} top1 {values['top1']:6.2f}{note}")
                 out.append({"dataset": task.dataset.name, "shots": k, "seed": seed, **values})
     return out
 

@@ -34,14 +34,13 @@ from common.data import build_dataset
 from common.engine import TrainConfig, convergence, run_dir, write_record
 from common.engine.cache import cached_features
 from common.engine.protocols import Task, bundle_for, record_exists
-from common.engine.runs import kept, load_records, print_record
+from common.engine.runs import beside_record, kept, print_record
 from common.engine.threads import threaded
 from common.errors import ConfigError, MissingDataError
 from common.metrics import mean_average_precision
-from common.paths import runs_root
 from papers.coop.method import PROMPT_FILE, load_learner, save_learner
 
-from .fit import build_models, image_scores, train_many
+from .fit import build_models, train_many
 from .method import (DoubleGrainedPrompt, LabelParser, caption_corpus, encode_caption_tokens,
                      encode_image_global_dense, ensemble, predict)
 
@@ -342,12 +341,8 @@ def partial(cfg: dict) -> list[dict]:
                         and record_exists(cfg, SLUG, PROTOCOL, name, SLUG, pp, s, "dualcoop_ens"))]
         if not jobs:
             continue
-        prompts = {s: run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, None, s, "") / PROMPT_FILE
-                   for s in cfg["seeds"]}
-        missing = [str(p) for p in prompts.values() if not p.is_file()]
-        if missing:
-            raise MissingDataError(f"no TaI-DPT prompt at {missing[0]}: run `python -m papers.tai_dpt train` with the "
-                                   f"same options first")
+        prompts = {s: kept(run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, None, s, "") / PROMPT_FILE,
+                           SLUG, "TaI-DPT prompt") for s in cfg["seeds"]}
         data = dual.load_dataset(dcfg, name)
         t0 = time.time()
         scale = dcfg["input_scale"]
@@ -380,10 +375,10 @@ def eval_(cfg: dict) -> list[dict]:
             path = kept(run_dir(SLUG, PROTOCOL, cfg["profile"], name, cfg["arch"], SLUG, None, s, "") / PROMPT_FILE, SLUG)
             sc = _scores(load_learner(path, bundle, DoubleGrainedPrompt), Xte, cfg)
             vals = {k: mean_average_precision(v, Yte) for k, v in sc.items()}
-            rec = load_records(paper=SLUG, protocol=PROTOCOL, dataset=name, method=SLUG, shots=None, seed=s, variant="")
-            stored = rec[0]["metrics"]["mAP"] if rec else None
+            note = beside_record("mAP", paper=SLUG, protocol=PROTOCOL, dataset=name, method=SLUG, shots=None, seed=s,
+                                 variant="")
             print(f"{name} seed={s} mAP merged {vals['merged']:6.2f} global {vals['global']:6.2f} local {vals['local']:6.2f}"
-                  + (f"  (record {stored:6.2f})" if stored is not None else ""))
+                  f"{note}")
             out.append({"dataset": name, "seed": s, **vals})
     return out
 

@@ -112,3 +112,11 @@ def test_kept_names_the_missing_prompt_and_the_command_that_makes_it(tmp_path):
         kept(path, "coop")
     path.write_bytes(b"x")
     assert kept(path, "coop") == path
+
+
+def test_beside_record_prints_the_stored_metric_or_nothing(tmp_path):
+    from common.engine.runs import beside_record, write_record
+    write_record({"paper": "coop", "method": "coop", "protocol": "fewshot", "profile": "embedded", "dataset": "toy",
+                  "backbone": "tiny-rn", "shots": 4, "seed": 1, "metrics": {"top1": 41.5}}, root=tmp_path)
+    assert beside_record("top1", root=tmp_path, paper="coop", shots=4, seed=1) == "  (record  41.50)"
+    assert beside_record("top1", root=tmp_path, paper="coop", shots=4, seed=2) == ""
