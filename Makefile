@@ -24,8 +24,11 @@ $(FASHION):
 	@command -v apt-get >/dev/null || { echo "need $(FASHION): install Debian's dataset-fashion-mnist"; exit 1; }
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 
+# `dvc repro` with up to JOBS independent stages at once (common/launch/pipeline.py); TARGETS: some stages only.
+JOBS ?= 2
+TARGETS ?=
 repro: $(STAMP) $(FASHION)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m common.launch repro --jobs $(JOBS) $(TARGETS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,5 +1,5 @@
-"""`python -m common.launch {status,gather,gpu}`: follow a launch, collect it, or run a command on the GPU of a
-DVC queue worker (README 'Running at scale')."""
+"""`python -m common.launch {status,gather,gpu,repro}`: follow a launch, collect it, run a command on the GPU of a
+DVC queue worker (README 'Running at scale'), or reproduce the DVC pipeline with independent stages at once."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,15 @@ def cmd_gpu(a) -> int:
     return 0  # not reached
 
 
+def cmd_repro(a) -> int:
+    from .pipeline import repro
+    times = repro(a.targets, jobs=a.jobs, dry=a.dry, force=a.force, say=lambda m: print(f"[repro] {m}", file=sys.stderr))
+    ran = {k: v for k, v in times.items() if v is not None}
+    print(f"[repro] {len(ran)} stage(s) ran, {len(times) - len(ran)} up to date"
+          + (f"; stage time {sum(ran.values()) / 60:.1f} min" if ran else ""), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m common.launch", description=__doc__)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -84,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("gpu", help="run a command on the GPU of the DVC queue worker running it")
     u.add_argument("--gpus", type=int, default=None, help="GPUs to spread the workers over (default: all visible)")
     u.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command")
+    r = sub.add_parser("repro", help="dvc repro, running up to --jobs independent stages at once")
+    r.add_argument("targets", nargs="*", help="stages (as dvc repro takes them; default: the whole pipeline)")
+    r.add_argument("--jobs", "-j", type=int, default=2, help="stage commands at once (default 2: the project's cores)")
+    r.add_argument("--dry", action="store_true", help="list the stages that would run, run nothing")
+    r.add_argument("--force", "-f", action="store_true", help="run every planned stage even if up to date")
     a = ap.parse_args(argv)
     try:
-        return {"status": cmd_status, "gather": cmd_gather, "gpu": cmd_gpu}[a.what](a)
+        return {"status": cmd_status, "gather": cmd_gather, "gpu": cmd_gpu, "repro": cmd_repro}[a.what](a)
     except UserError as err:
         print(f"{ap.prog} {a.what}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
