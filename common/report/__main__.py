@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="output root: REPORT.md goes to OUT/<slug>/ (default: next to paper.yaml); "
                          "the leaderboard goes to OUT/ (default: reports/)")
+    ap.add_argument("--compare", type=Path, default=None, metavar="RUNS_B",
+                    help="print every claim's verdict on --runs (default runs/) beside its verdict on the records "
+                         "under RUNS_B (e.g. a rerun on towers pretrained again), instead of writing reports")
     ap.add_argument("--profile", choices=PROFILES, default="embedded", help="leaderboard profile (default embedded)")
     args = ap.parse_args(argv)
 
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("name a paper slug, or use --all or --leaderboard")
     if slugs and args.leaderboard and args.out is not None:
         ap.error("--out is ambiguous with both reports and --leaderboard: run them separately")
+    if args.compare is not None:
+        from .stability import compare_runs, format_comparison
+        pairs = compare_runs(slugs, args.runs, args.compare, args.papers, args.profile)
+        print(format_comparison(pairs, str(args.runs or "runs"), str(args.compare)), end="")
+        return 0
     if args.all and not slugs:
         print(f"no paper.yaml under {args.papers}/", file=sys.stderr)
     failed = 0
