@@ -360,6 +360,25 @@ def fit_stacked(modules: Sequence[nn.Module], stacked: dict[str, nn.Parameter], 
     return list(modules)
 
 
+def run_scores(n_runs: int, val_runs: Sequence[int], inputs: Callable[[list[int]], Sequence],
+               score: Callable[..., float]) -> Callable[[], torch.Tensor]:
+    """An `eval_fn` for `fit_stacked`: (n_runs,) scores, `score(inputs_r)` for each run in `val_runs` (0 for the
+    others), without gradients. `inputs(runs)` gives the runs' current inputs in their order (e.g. each run's text
+    features from the stacked prompts: one batched pass for all of them)."""
+    def eval_fn() -> torch.Tensor:
+        out = torch.zeros(n_runs)
+        with torch.no_grad():
+            for x, r in zip(inputs(list(val_runs)), val_runs):
+                out[r] = score(x)
+        return out
+    return eval_fn
+
+
+def curve_every(runs: Sequence[RunSchedule]) -> int:
+    """Evaluate a convergence curve about 20 times over the longest run."""
+    return max(1, max(r.total_steps for r in runs) // 20)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-run mean of (R, B) values over the real (mask) entries of each row; rows without any give 0."""
     m = mask.to(values.dtype)

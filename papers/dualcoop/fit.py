@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from common.clip.text import encode_prompts
 from common.engine import TrainConfig
-from common.engine.batched import RunSchedule, fit_stacked, scatter_runs, stack_trainable
+from common.engine.batched import RunSchedule, curve_every, fit_stacked, run_scores, scatter_runs, stack_trainable
 from common.engine.seed import seed_everything
 
 from .method import DualPrompt, asl_loss, positive_probability
@@ -91,14 +91,8 @@ def train_many(models: Sequence[DualPrompt], feats: torch.Tensor, targets: Seque
     eval_fn = None
     if val is not None and val_runs:
         vx, vy = val
-
-        def eval_fn():
-            out = torch.zeros(len(models))
-            with torch.no_grad():
-                for (t_pos, t_neg, thr), r in zip(_run_text(template, stacked, list(val_runs)), val_runs):
-                    p = torch.cat([positive_probability(template.logits(x.to(device), t_pos, t_neg, threshold=thr))
-                                   for x in vx.split(512)])
-                    out[r] = mean_average_precision(p.float().cpu(), vy)
-            return out
-    return fit_stacked(models, stacked, runs, step, eval_fn, eval_every or max(1, max(r.total_steps for r in runs) // 20),
+        eval_fn = run_scores(len(models), val_runs, lambda rs: _run_text(template, stacked, rs), lambda t: (
+            mean_average_precision(torch.cat([positive_probability(template.logits(x.to(device), *t))
+                                              for x in vx.split(512)]).float().cpu(), vy)))
+    return fit_stacked(models, stacked, runs, step, eval_fn, eval_every or curve_every(runs),
                        out_dir, desc, threads)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from common.clip.text import encode_prompts
 from common.engine import TrainConfig
-from common.engine.batched import RunSchedule, fit_stacked, scatter_runs, stack_trainable
+from common.engine.batched import RunSchedule, curve_every, fit_stacked, run_scores, scatter_runs, stack_trainable
 from common.engine.seed import seed_everything
 
 from .method import (DoubleGrainedPrompt, gather_tokens, global_scores, local_scores, merged_scores, ranking_loss,
@@ -85,12 +85,7 @@ def train_many(models: Sequence[DoubleGrainedPrompt], text: dict, targets: torch
     eval_fn = None
     if val is not None and val_runs:
         vx, vy = val
-
-        def eval_fn():
-            out = torch.zeros(len(models))
-            with torch.no_grad():
-                for (t_g, t_l), r in zip(run_text(template, stacked, list(val_runs)), val_runs):
-                    out[r] = mean_average_precision(image_scores(t_g, t_l, vx, tau_image, merge_rate), vy)
-            return out
-    return fit_stacked(models, stacked, runs, step, eval_fn, eval_every or max(1, max(r.total_steps for r in runs) // 20),
+        eval_fn = run_scores(len(models), val_runs, lambda rs: run_text(template, stacked, rs), lambda t: (
+            mean_average_precision(image_scores(*t, vx, tau_image, merge_rate), vy)))
+    return fit_stacked(models, stacked, runs, step, eval_fn, eval_every or curve_every(runs),
                        out_dir, desc, threads)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from common.data import Dataset, Datum, register_dataset
 from common.engine import TrainConfig
+from common.metrics import mean_average_precision
 from papers.dualcoop.fit import build_models, train_many
 from papers.dualcoop.method import (DualPrompt, asl_loss, encode_regions, global_logits, partial_labels,
                                     positive_probability, region_logits)
@@ -198,11 +199,16 @@ def test_batched_runs_equal_separate_runs(tiny_rn):
     cfgs = [TrainConfig(epochs=2, lr=0.5, seed=s, warmup_epochs=0) for s in (1, 2)]
     loss = {"gamma_neg": 2, "gamma_pos": 1, "clip": 0.05, "eps": 1e-6, "loss_w": 1.0}
     build = lambda: DualPrompt(tiny_rn, NAMES, n_ctx_pos=2, n_ctx_neg=2, csc=True)
-    together = train_many(build_models(build, [1, 2]), feats, targets, cfgs, 4, loss)
+    together = train_many(build_models(build, [1, 2]), feats, targets, cfgs, 4, loss, val=(feats, y), val_runs=[1])
     for r, s in enumerate((1, 2)):
         alone = train_many(build_models(build, [s]), feats, targets[r:r + 1], cfgs[r:r + 1], 4, loss)[0]
         assert torch.allclose(alone.pos.ctx, together[r].pos.ctx, atol=1e-5)
         assert torch.allclose(alone.neg.ctx, together[r].neg.ctx, atol=1e-5)
+    # the validation curve: run 1's final point is the trained prompts' mAP, run 0 is not validated
+    t_pos, t_neg = alone.text_features()
+    final = mean_average_precision(positive_probability(alone.logits(feats, t_pos, t_neg)).float(), y)
+    assert together[1].val_history[-1]["val"] == pytest.approx(final, abs=1e-3)
+    assert len(together[1].val_history) > 1 and all(e["val"] == 0 for e in together[0].val_history)
     assert not torch.allclose(together[0].pos.ctx, build_models(build, [1])[0].pos.ctx)   # it trained
 
 
