@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from common.launch.pipeline import StageFailed, repro
+from common.launch.pipeline import StageFailed, repro, thread_env
 
 # Each command records when it started and ended (after a short sleep), then writes its output.
-STEP = ("python -c \"import json,sys,time; t=time.time(); time.sleep({sleep}); "
-        "open('{name}.json','w').write(json.dumps([t, time.time()])); {extra}\"")
+STEP = ("python -c \"import json,os,sys,time; t=time.time(); time.sleep({sleep}); "
+        "open('{name}.json','w').write(json.dumps([t, time.time(), os.environ.get('OMP_NUM_THREADS')])); {extra}\"")
 
 
 def _project(tmp_path: Path, fail_c: bool = False) -> Path:
@@ -45,13 +45,16 @@ def _dvc_status(root: Path) -> str:
                           check=True).stdout
 
 
-def test_independent_stages_run_at_once_and_dvc_sees_them_done(tmp_path):
+def test_independent_stages_run_at_once_and_dvc_sees_them_done(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
     root = _project(tmp_path)
     times = repro(jobs=2, root=root, say=lambda m: None)
     assert set(times) == {"a", "b", "c", "d"} and all(t is not None for t in times.values())
     span = {n: json.loads((root / f"{n}.json").read_text()) for n in "abcd"}
     assert span["b"][0] < span["c"][1] and span["c"][0] < span["b"][1], "b and c did not overlap"
     assert span["a"][1] <= min(span["b"][0], span["c"][0]) and span["d"][0] >= max(span["b"][1], span["c"][1])
+    assert {v[2] for v in span.values()} == {"2"}           # each of 2 stages at once gets 4 // 2 threads
     assert "up to date" in _dvc_status(root).lower()
     lock = (root / "dvc.lock").read_text()
     assert all(f"  {n}:" in lock for n in "abcd")
@@ -74,6 +77,15 @@ def test_a_failed_stage_stops_downstream_and_keeps_its_sibling(tmp_path):
     assert (root / "b.json").exists() and not (root / "d.json").exists()
     stale = {line[:-1] for line in _dvc_status(root).splitlines() if line and not line[0].isspace()}
     assert stale == {"c", "d"}   # a and b committed, c and d not
+
+
+def test_thread_share(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert thread_env(2) == {"OMP_NUM_THREADS": "1"} and thread_env(3) == {"OMP_NUM_THREADS": "1"}
+    assert thread_env(1) == {}                                # one stage at a time: as dvc repro
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert thread_env(2) == {}                                # the caller's choice wins
 
 
 def test_bad_jobs_value_is_refused(tmp_path):
