@@ -39,6 +39,18 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def torch_save_atomic(obj, path: str | Path) -> Path:
+    """`torch.save(obj, path)` atomically and byte for byte reproducible: torch names the records of its zip
+    archive after the file it writes, so saving into the per-process temporary file gave equal weights different
+    bytes (and DVC hashes) in every run. Serialised in memory first, the archive is named "archive" always."""
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
+
+
 def _cause(err: Exception, folder: Path) -> str:
     code = getattr(err, "errno", None)
     try:

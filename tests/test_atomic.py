@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from common.atomic import atomic_write, temp_path, write_text_atomic
+from common.atomic import atomic_write, temp_path, torch_save_atomic, write_text_atomic
 from common.errors import OutputWriteError, UserError
 
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -31,3 +31,19 @@ def test_torch_short_write_is_explained(tmp_path):
     assert not path.exists() and not temp_path(path).exists()
     atomic_write(path, lambda tmp: torch.save({"x": torch.zeros(3)}, tmp))  # and works once there is room
     assert torch.load(path)["x"].shape == (3,)
+
+
+def test_torch_save_is_byte_for_byte_reproducible(tmp_path, monkeypatch):
+    # each process fills its own temporary file; the saved bytes must not depend on its name
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    monkeypatch.setattr(os, "getpid", lambda: 111)
+    a = torch_save_atomic(state, tmp_path / "a" / "ckpt.pt")
+    monkeypatch.setattr(os, "getpid", lambda: 222)
+    b = torch_save_atomic(state, tmp_path / "b" / "ckpt.pt")
+    assert a.read_bytes() == b.read_bytes()
+    assert all(torch.equal(torch.load(b)[k], v) for k, v in state.items())
+    # what it replaces: torch.save into the temporary file names the archive after it
+    c = atomic_write(tmp_path / "c" / "ckpt.pt", lambda tmp: torch.save(state, tmp))
+    monkeypatch.setattr(os, "getpid", lambda: 333)
+    d = atomic_write(tmp_path / "d" / "ckpt.pt", lambda tmp: torch.save(state, tmp))
+    assert c.read_bytes() != d.read_bytes()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import open_clip
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import torch_save_atomic
 from ..errors import ConfigError, UserError, one_line
 from .registry import EMBEDDED_ARCHS, register_embedded_configs
 
@@ -340,4 +340,4 @@ def _to_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
 def save_clip_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
     """Save a CLIP state dict in OpenAI/open_clip naming (what `load_clip(arch, path)` reads)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "attn_mask"}
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return torch_save_atomic(state, path)

@@ -12,7 +12,7 @@ from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 
 from .loader import ClipBundle
 
-from ..atomic import atomic_write
+from ..atomic import torch_save_atomic
 from ..paths import cache_root
 
 # open_clip's templates are callables; keep them as format strings so they hash and print.
@@ -48,7 +48,7 @@ def zeroshot_classifier(bundle: ClipBundle, classnames: Sequence[str], templates
     bundle.model.train(was_training)
     weights = weights.T.contiguous().float()  # (K, D)
     if path is not None:
-        atomic_write(path, lambda tmp: torch.save(weights.cpu(), tmp))
+        torch_save_atomic(weights.cpu(), path)
     return weights
 
 
@@ -78,7 +78,7 @@ def encode_texts(bundle: ClipBundle, texts: Sequence[str], batch_size: int = 256
     bundle.model.train(was_training)
     emb = torch.cat(out)
     if path is not None:
-        atomic_write(path, lambda tmp: torch.save({"emb": emb, "truncated": truncated}, tmp))
+        torch_save_atomic({"emb": emb, "truncated": truncated}, path)
     return emb, truncated
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import sys
 
-from ..atomic import atomic_write, write_text_atomic
+from ..atomic import torch_save_atomic, write_text_atomic
 from ..errors import ConfigError, TrainingDiverged
 from . import distributed
 from .threads import torch_threads
@@ -221,7 +221,7 @@ class BatchedTrainer:
         state = {"t": self.t, "params": [p.detach().cpu().clone() for p in self.params],
                  "optimizer": self.opt.state_dict(), "history": self.history, "evals": self.evals,
                  "acc": self._acc, "runs": self._signature(), "elapsed": self.elapsed()}
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        torch_save_atomic(state, path)
 
     def elapsed(self) -> float:
         """Training seconds so far, those before a resume included."""

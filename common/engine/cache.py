@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write
+from ..atomic import torch_save_atomic
 from ..clip.loader import ClipBundle
 from ..data.images import ImageListDataset, build_transform
 from ..data.registry import Datum
@@ -62,7 +62,7 @@ class FeatureCache:
         if collective or distributed.is_main():
             value = compute()
             if distributed.is_main():
-                atomic_write(path, lambda tmp: torch.save(value, tmp))
+                torch_save_atomic(value, path)
         if not collective:
             distributed.barrier()                     # rank 0 has written the entry
             if not distributed.is_main():

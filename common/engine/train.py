@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, write_text_atomic
+from ..atomic import torch_save_atomic, write_text_atomic
 from ..errors import ConfigError, TrainingDiverged
 from . import distributed
 from .seed import rng_state, seed_everything, set_rng_state
@@ -174,7 +174,7 @@ class Trainer:
         state = {"epoch": epoch, "module": trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state(),
                  "history": self.history, "config": asdict(self.cfg)}
-        atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        torch_save_atomic(state, self.checkpoint_path)
 
     def maybe_resume(self) -> bool:
         """Resume from `out_dir/checkpoint.pt` if present (config must match), and say so. Inside `restarting()`
