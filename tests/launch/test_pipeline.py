@@ -15,6 +15,8 @@ import pytest
 
 from common.launch.pipeline import StageFailed, repro, thread_env
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # DVC's own, about pygtrie
+
 # Each command records when it started and ended (after a short sleep), then writes its output.
 STEP = (f"{sys.executable} -c \"import json,os,sys,time; t=time.time(); time.sleep({{sleep}}); "
         "open('{name}.json','w').write(json.dumps([t, time.time(), os.environ.get('OMP_NUM_THREADS')])); {extra}\"")
