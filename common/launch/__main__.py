@@ -70,8 +70,8 @@ def cmd_repro(a) -> int:
     from .pipeline import repro
     times = repro(a.targets, jobs=a.jobs, dry=a.dry, force=a.force, say=lambda m: print(f"[repro] {m}", file=sys.stderr))
     ran = {k: v for k, v in times.items() if v is not None}
-    print(f"[repro] {len(ran)} stage(s) ran, {len(times) - len(ran)} up to date"
-          + (f"; stage time {sum(ran.values()) / 60:.1f} min" if ran else ""), file=sys.stderr)
+    print(f"[repro] {len(ran)} stage(s) {'would run' if a.dry else 'ran'}, {len(times) - len(ran)} up to date"
+          + (f"; stage time {sum(ran.values()) / 60:.1f} min" if ran and not a.dry else ""), file=sys.stderr)
     return 0
 
 

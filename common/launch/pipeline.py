@@ -9,18 +9,21 @@ a stage's upstream is done (`Stage.changed`), the same output removal, run-cache
 DVC call stays in the main thread, which holds the repository lock throughout (no stage command calls DVC).
 
 Each stage's output goes to `.dvc/tmp/repro/<stage>.log` (two interleaved progress bars read as noise); a
-progress bar over the stages shows what runs. On a failure no new stage starts, the running ones finish and
+progress bar over the stages shows what runs. Each finished stage's time is kept in `.dvc/tmp/repro/times.json`,
+and the next run starts the longest of the ready stages first. On a failure no new stage starts, the running ones finish and
 are committed, and the error names the failed stage and the end of its log; rerunning resumes (finished stages
 are up to date, an interrupted paper run resumes from its checkpoint).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..atomic import write_text_atomic
 from ..errors import UserError
 
 
@@ -64,6 +67,17 @@ def _run_command(stage, log: Path, env: dict[str, str]) -> float:
     return time.time() - t0
 
 
+def _read_times(logs: Path) -> dict[str, float]:
+    try:
+        return json.loads((logs / "times.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _record_time(logs: Path, stage: str, seconds: float) -> None:
+    write_text_atomic(logs / "times.json", json.dumps({**_read_times(logs), stage: round(seconds, 1)}, indent=1))
+
+
 def plan(repo, targets: Sequence[str] | None = None) -> tuple[list, "object"]:
     """The stages `dvc repro TARGETS` would consider, in its order, and the graph (edges: stage -> upstream)."""
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
@@ -76,7 +90,8 @@ def plan(repo, targets: Sequence[str] | None = None) -> tuple[list, "object"]:
 def repro(targets: Sequence[str] | None = None, jobs: int = 2, root: str | Path = ".", dry: bool = False,
           force: bool = False, say: Callable[[str], None] = print) -> dict[str, float | None]:
     """Bring the pipeline (or TARGETS and their upstream) up to date, up to `jobs` stage commands at once.
-    Returns {stage: seconds its command took, or None where it was up to date or restored from the run cache}."""
+    Returns {stage: seconds its command took (0 for a stage `dry` would run), or None where it was up to date or
+    restored from the run cache}."""
     from dvc.repo import Repo
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -101,15 +116,21 @@ def _repro(repo, targets, jobs, dry, force, say) -> dict[str, float | None]:
     with repo.lock:
         steps, graph = plan(repo, targets)
         upstream = {s: [u for u in graph.successors(s) if u in steps] for s in steps}
-        pending, running, done, failed = list(steps), {}, set(), []
+        # Longest first among the stages that can start (by their last run here), so that a long stage does not
+        # start last and run alone; stages never timed keep DVC's order.
+        last = _read_times(logs)
+        pending = sorted(steps, key=lambda s: -last.get(s.addressing, 0.0))
+        running, done, failed = {}, set(), []
         bar = tqdm(total=len(steps), desc="stages", unit="stage")
 
         def start(stage) -> Future | None:
             """DVC's `Stage.reproduce` up to the command: skip if unchanged, else clear outputs, try the run cache."""
-            if not force and not stage.changed(upstream=upstream[stage]):
+            upstream_would_run = dry and any(times.get(u.addressing) == 0.0 for u in upstream[stage])
+            if not force and not upstream_would_run and not stage.changed(upstream=upstream[stage]):
                 return None
-            if dry:
+            if dry:   # downstream of a stage that would run counts as would-run (its inputs are about to change)
                 say(f"would run {stage.addressing}: {stage.cmd}")
+                times[stage.addressing] = 0.0        # "would run" (None: up to date)
                 return None
             stage.remove_outs(ignore_remove=False, force=False)
             if not force:
@@ -131,10 +152,12 @@ def _repro(repo, targets, jobs, dry, force, say) -> dict[str, float | None]:
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             while pending or running:
-                for stage in list(pending):
-                    if failed or len(running) >= jobs:
-                        break
-                    if all(u in done for u in upstream[stage]):
+                started = True
+                while started and not failed and len(running) < jobs:   # a skipped stage may free its downstream
+                    ready = [s for s in pending if all(u in done for u in upstream[s])]
+                    started = bool(ready)
+                    if ready:
+                        stage = ready[0]
                         pending.remove(stage)
                         future = start(stage)
                         if future is None:
@@ -156,6 +179,7 @@ def _repro(repo, targets, jobs, dry, force, say) -> dict[str, float | None]:
                     try:
                         times[stage.addressing] = future.result()
                         finish(stage)
+                        _record_time(logs, stage.addressing, times[stage.addressing])
                         done.add(stage)
                         bar.update(1)
                         t = times[stage.addressing]

@@ -22,7 +22,7 @@ STEP = (f"{sys.executable} -c \"import json,os,sys,time; t=time.time(); time.sle
         "open('{name}.json','w').write(json.dumps([t, time.time(), os.environ.get('OMP_NUM_THREADS')])); {extra}\"")
 
 
-def _project(tmp_path: Path, fail_c: bool = False) -> Path:
+def _project(tmp_path: Path, fail_c: bool = False, sleep_b: float = 1.5, sleep_c: float = 1.5) -> Path:
     root = tmp_path / "proj"
     root.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -30,8 +30,8 @@ def _project(tmp_path: Path, fail_c: bool = False) -> Path:
     (root / "src.txt").write_text("input\n")
     stages = {
         "a": (STEP.format(name="a", sleep=0, extra=""), ["src.txt"]),
-        "b": (STEP.format(name="b", sleep=1.5, extra=""), ["a.json"]),
-        "c": (STEP.format(name="c", sleep=1.5, extra="sys.exit(3)" if fail_c else ""), ["a.json"]),
+        "b": (STEP.format(name="b", sleep=sleep_b, extra=""), ["a.json"]),
+        "c": (STEP.format(name="c", sleep=sleep_c, extra="sys.exit(3)" if fail_c else ""), ["a.json"]),
         "d": (STEP.format(name="d", sleep=0, extra=""), ["b.json", "c.json"]),
     }
     lines = ["stages:"]
@@ -70,6 +70,29 @@ def test_one_job_runs_stages_one_after_another(tmp_path):
     repro(["d"], jobs=1, root=root, say=lambda m: None)
     b, c = (json.loads((root / f"{n}.json").read_text()) for n in "bc")
     assert b[1] <= c[0] or c[1] <= b[0]
+
+
+def test_dry_lists_what_would_run_and_runs_nothing(tmp_path):
+    root = _project(tmp_path, sleep_b=0, sleep_c=0)
+    repro(jobs=2, root=root, say=lambda m: None)
+    before = (root / "a.json").read_text()
+    assert repro(jobs=2, root=root, dry=True, say=lambda m: None) == dict.fromkeys("abcd")
+    (root / "src.txt").write_text("changed\n")
+    said = []
+    assert repro(jobs=2, root=root, dry=True, say=said.append) == dict.fromkeys("abcd", 0.0)
+    assert (root / "a.json").read_text() == before and sum(m.startswith("would run") for m in said) == 4
+
+
+def test_the_longest_ready_stage_starts_first_next_time(tmp_path):
+    root = _project(tmp_path, sleep_b=0.1, sleep_c=1.0)
+    first = repro(jobs=1, root=root, say=lambda m: None)
+    assert first["c"] > first["b"]
+    times = json.loads((root / ".dvc" / "tmp" / "repro" / "times.json").read_text())
+    assert set(times) == {"a", "b", "c", "d"}
+    (root / "src.txt").write_text("changed\n")
+    repro(jobs=1, root=root, say=lambda m: None)
+    b, c = (json.loads((root / f"{n}.json").read_text()) for n in "bc")
+    assert c[1] <= b[0]                                  # c (1 s last time) ran before b (0.1 s)
 
 
 def test_a_failed_stage_stops_downstream_and_keeps_its_sibling(tmp_path):
