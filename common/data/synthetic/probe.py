@@ -90,9 +90,17 @@ def probe_dataset(bundle, name: str, root: str | Path, shots: int = 16, seed: in
         all_val = {d.impath: i for i, d in enumerate(ds.val)}
         tr_f = feats(ds.train, "train")[[all_train[d.impath] for d in train]]
         va_f = feats(ds.val, "val")[[all_val[d.impath] for d in val]]
-        acc, c = logistic_probe(tr_f.numpy(), np.array([d.label for d in train]), va_f.numpy(),
-                                np.array([d.label for d in val]), test_f.numpy(), yte)
+        ytr, yva = np.array([d.label for d in train]), np.array([d.label for d in val])
+        acc, c = logistic_probe(tr_f.numpy(), ytr, va_f.numpy(), yva, test_f.numpy(), yte)
         row.update(linear_probe=acc, C=c, shots=shots)
+        # CoCoOp's base half (the classes base-to-novel training sees): zero-shot over the base classes only,
+        # and the probe fitted on their shots, C again chosen on their val shots.
+        m = -(-ds.num_classes // 2)
+        te, tr, va = yte < m, ytr < m, yva < m
+        base_text = text_classifier(bundle, ds.classnames[:m], ds.template)
+        zs_base = float(((test_f[te] @ base_text.T).argmax(1).numpy() == yte[te]).mean())
+        acc_base, c_base = logistic_probe(tr_f.numpy()[tr], ytr[tr], va_f.numpy()[va], yva[va], test_f.numpy()[te], yte[te])
+        row.update(base_classes=m, zero_shot_base=zs_base, linear_probe_base=acc_base, C_base=c_base)
     else:  # shifted variants: the probe trained on the source set (emb_objects) is applied
         row.update(linear_probe=None)
     return row
@@ -163,6 +171,22 @@ def markdown_table(results: dict[str, list[dict]]) -> str:
                 continue
             lp = r.get("linear_probe")
             cells += [f"{100 * r['zero_shot']:.1f}", "-" if lp is None else f"{100 * lp:.1f}" + ("*" if r.get("probe_from") else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def base_table(results: dict[str, list[dict]]) -> str:
+    """results: tower -> rows. Zero-shot vs 16-shot probe on each set's base half (CoCoOp's base classes)."""
+    towers = list(results)
+    head = "| dataset | base classes | " + " | ".join(f"{t} zero-shot | {t} 16-shot probe" for t in towers) + " |"
+    lines = [head, "|---" * (2 + 2 * len(towers)) + "|"]
+    by_name = {t: {r["dataset"]: r for r in rows} for t, rows in results.items()}
+    for name in [r["dataset"] for r in results[towers[0]] if "zero_shot_base" in r]:
+        cells = [name, str(by_name[towers[0]][name]["base_classes"])]
+        for t in towers:
+            r = by_name[t].get(name, {})
+            cells += ([f"{100 * r['zero_shot_base']:.1f}", f"{100 * r['linear_probe_base']:.1f}"]
+                      if "zero_shot_base" in r else ["", ""])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
