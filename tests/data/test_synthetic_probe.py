@@ -33,3 +33,28 @@ def test_base_table_lists_sets_with_a_base_half():
     lines = base_table(rows).splitlines()
     assert lines[0].startswith("| dataset | base classes | tiny-rn zero-shot")
     assert lines[2:] == ["| emb_objects | 26 | 50.0 | 62.5 | 40.0 | 45.0 |"]
+
+
+def _row(name, zs, chance=0.1, lp=None, **kw):
+    return {"dataset": name, "zero_shot": zs, "chance": chance, "linear_probe": lp, **kw}
+
+
+def test_calibration_checks_flag_what_misses():
+    from common.data.synthetic.probe import calibration_checks
+    rn = [_row("emb_objects", 0.50, 0.02, 0.40, zero_shot_base=0.55, linear_probe_base=0.60),
+          _row("emb_objects_rendition", 0.48, 0.02), _row("emb_objects_v2", 0.43, 0.02),
+          _row("emb_objects_sketch", 0.27, 0.02), _row("emb_objects_hard", 0.20, 0.02),
+          _row("emb_satellite", 0.27), _row("emb_mnist", 0.15)]
+    vit = [dict(r) for r in rn]
+    vit[0] = _row("emb_objects", 0.34, 0.02, 0.27, zero_shot_base=0.40, linear_probe_base=0.35)
+    vit[2] = _row("emb_objects_v2", 0.05, 0.02)   # V2 now below Sketch: out of real CLIP's order
+    checks = {(c["check"].split(" (")[0].split(":")[0], c["tower"]): c for c in calibration_checks({"tiny-rn": rn, "tiny-vit": vit})}
+    assert checks[("zero-shot >= 2x chance on every set", "tiny-rn")]["holds"] is False        # emb_mnist 15% vs 10%
+    assert "emb_mnist 15.0 (chance 10.0)" in checks[("zero-shot >= 2x chance on every set", "tiny-rn")]["value"]
+    assert checks[("shifted sets ordered as real RN50", "tiny-rn")]["holds"] is True
+    assert checks[("shifted sets ordered as real RN50", "tiny-vit")]["holds"] is False
+    assert checks[("emb_objects base half", "tiny-rn")]["holds"] is True
+    assert checks[("emb_objects base half", "tiny-vit")]["holds"] is False
+    assert checks[("satellite zero-shot over chance", "tiny-rn")]["value"] == "2.7x"
+    vit_target = checks[("ViT stand-in", "tiny-vit")]
+    assert vit_target["holds"] is False and vit_target["value"] == "34.0%, 16.0 points below"   # 16 > 15 points

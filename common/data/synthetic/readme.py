@@ -22,7 +22,7 @@ from common.data import build_dataset, load_image
 from .captions import captions
 from .catalog import SETS
 from .pretrain import PRETRAIN_CAPTIONS, PRETRAIN_DIST
-from .probe import base_table, markdown_table
+from .probe import base_table, checks_table, markdown_table
 from .render import render
 from .world import sample_scenes
 
@@ -158,6 +158,7 @@ def main(argv=None) -> None:
         text = replace_block(text, "probe", markdown_table(results))
         if any("zero_shot_base" in row for rows in results.values() for row in rows):
             text = replace_block(text, "probe_base", base_table(results))
+        text = replace_block(text, "probe_checks", checks_table(results))
     readme.write_text(text)
     print(f"wrote {a.grid} and {readme}")
 
