@@ -4,6 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# A dataset where zero-shot CLIP scores below this many times chance decides no claim (the verdict engine leaves it
+# out), and the embedded world is calibrated so that every classification set clears it on both towers.
+NEAR_CHANCE = 2.0
+
 
 def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .budgets import write_budgets
 from .leaderboard import write_leaderboard
 from .records import PROFILES
 from .render import write_report
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.leaderboard:
         paths = write_leaderboard(args.runs, args.out or Path("reports"), args.profile)
         print(paths["md"])
+        print(write_budgets(args.papers, args.out or Path("reports")))
     return 2 if failed else 0
 
 

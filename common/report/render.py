@@ -407,15 +407,18 @@ def config_value(cfg: dict, key: str):
     return node
 
 
-def stale_note(record: dict) -> str:
-    """A note when the record was made on another checkpoint of the embedded tower than the current one."""
+def current_checkpoint(record: dict) -> str | None:
+    """The content hash of the embedded tower the record names, or None when that checkpoint is not built."""
     from common.clip.loader import file_sha256
     from common.paths import data_root
     ckpt = data_root() / "checkpoints" / f"{record['backbone']}.pt"
-    if not ckpt.is_file():
-        return ""
-    now = file_sha256(ckpt)
-    if now in str(record.get("checkpoint", "")):
+    return file_sha256(ckpt) if ckpt.is_file() else None
+
+
+def stale_note(record: dict) -> str:
+    """A note when the record was made on another checkpoint of the embedded tower than the current one."""
+    now = current_checkpoint(record)
+    if now is None or now in str(record.get("checkpoint", "")):
         return ""
     return (f"Note: this record was made on checkpoint {record.get('checkpoint')}; the current {record['backbone']} "
             f"is {now}: rerun `python -m papers.{record['paper']} convergence`.")

@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from common.metrics import NEAR_CHANCE
+
 from .expr import Selection, Step, Truth, Vec
 from .records import Missing, Series, fmt_filters, metric_of, norm, resolve
 from .schema import Claim, Paper
@@ -41,7 +43,6 @@ STATUSES = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, PREMISE_NOT_MET, NOT_TESTA
 RESAMPLES = 2000
 RESAMPLE_SEED = 0
 LEVEL = 0.95                    # two-sided interval; each tail holds (1 - LEVEL) / 2
-NEAR_CHANCE = 2.0               # zero-shot below this many times chance: the dataset decides nothing
 ZERO_SHOT = ("zeroshot_clip", "zeroshot", ("single", ""))   # method, protocol, preferred variants
 
 

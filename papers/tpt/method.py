@@ -111,9 +111,12 @@ def tpt_predict(learner: PromptLearner, ctx0: torch.Tensor, feats: torch.Tensor,
 
 @torch.inference_mode()
 def encode_views(model: torch.nn.Module, views: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Normalised image features (..., D) of views (..., C, S, S), the encoder run on batches of views."""
+    """Normalised image features (..., D) of views (..., C, S, S), the encoder run on batches of views where the
+    model is (views are rendered on the CPU)."""
+    device = next(model.parameters()).device
     flat = views.reshape(-1, *views.shape[-3:])
-    out = torch.cat([model.encode_image(flat[i:i + batch_size]).float() for i in range(0, len(flat), batch_size)])
+    out = torch.cat([model.encode_image(flat[i:i + batch_size].to(device)).float()
+                     for i in range(0, len(flat), batch_size)])
     return F.normalize(out, dim=-1).view(*views.shape[:-3], -1)
 
 
@@ -140,7 +143,7 @@ def view_features(model: torch.nn.Module, images: Sequence[torch.Tensor], draws:
     1..V rendered from `draws` (rows = these images) and encoded as one batch of B * V views."""
     views = render_views(torch.stack(list(images)), draws, image_size, augmix, mean, std)
     aug = encode_views(model, views, batch_size)
-    return torch.cat([F.normalize(test_feats.float(), dim=-1).unsqueeze(1), aug], 1)
+    return torch.cat([F.normalize(test_feats.float(), dim=-1).to(aug.device).unsqueeze(1), aug], 1)
 
 
 # ------------------------------------------------------------------------------------------------- the reference
@@ -153,12 +156,13 @@ def tpt_loop(learner: PromptLearner, ctx0: torch.Tensor, model: torch.nn.Module,
     augmented view (view 0 = its cached test features, as in the batched path), then TPT on that image alone
     with the full prompts (as the official code: one image, its own optimiser). Returns (B, K) view-0 logits."""
     full = lambda l, ctx: l.class_embeddings(ctx[0]).unsqueeze(0)        # (1, K, D), normalised
+    device = next(model.parameters()).device
     out = []
     for b, image in enumerate(images):
         views = render_views(image.unsqueeze(0), draws.take(slice(b, b + 1)), image_size, augmix, mean, std)[0]
         with torch.inference_mode():
-            feats = torch.cat([test_feats[b:b + 1].float()] + [model.encode_image(v.unsqueeze(0)).float()
-                                                               for v in views])
+            feats = torch.cat([test_feats[b:b + 1].float().to(device)] +
+                              [model.encode_image(v.unsqueeze(0).to(device)).float() for v in views])
         feats = F.normalize(feats, dim=-1).unsqueeze(0).clone()
-        out.append(tpt_predict(learner, ctx0, feats, scale, rho, lr, steps, weight_decay, text_fn=full))
+        out.append(tpt_predict(learner, ctx0, feats, scale, rho, lr, steps, weight_decay, text_fn=full).cpu())
     return torch.cat(out)

@@ -55,6 +55,18 @@ def test_calibration_checks_flag_what_misses():
     assert checks[("shifted sets ordered as real RN50", "tiny-vit")]["holds"] is False
     assert checks[("emb_objects base half", "tiny-rn")]["holds"] is True
     assert checks[("emb_objects base half", "tiny-vit")]["holds"] is False
-    assert checks[("satellite zero-shot over chance", "tiny-rn")]["value"] == "2.7x"
+    satellite = checks[("satellite zero-shot over chance", "tiny-rn")]
+    assert satellite["value"] == "2.7x" and satellite["holds"] is None   # informational: twice chance is checked above
     vit_target = checks[("ViT stand-in", "tiny-vit")]
     assert vit_target["holds"] is False and vit_target["value"] == "34.0%, 16.0 points below"   # 16 > 15 points
+
+
+def test_calibration_uses_the_verdict_engines_near_chance_rule(monkeypatch):
+    """The world's calibration target and the verdict engine's near-chance rule are one constant."""
+    import common.data.synthetic.probe as probe
+    from common.report import verdict
+    assert probe.NEAR_CHANCE is verdict.NEAR_CHANCE
+    monkeypatch.setattr(probe, "NEAR_CHANCE", 1.4)       # emb_mnist 15% clears 1.4 x 10%
+    rows = {"tiny-rn": [_row("emb_mnist", 0.15), _row("emb_textures", 0.30)]}
+    check = next(c for c in probe.calibration_checks(rows) if c["check"].startswith("zero-shot >="))
+    assert check["holds"] is True and check["check"] == "zero-shot >= 1.4x chance on every set"

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.clip.loader import load_clip
+from common.metrics import NEAR_CHANCE
 from common.data import build_dataset, load_image, sample_per_class
 
 # classification sets, in the order of the table
@@ -206,8 +207,8 @@ def calibration_checks(results: dict[str, list[dict]]) -> list[dict]:
     checks = []
     for t, rows in by_name.items():
         below = [f"{n} {100 * r['zero_shot']:.1f} (chance {100 * r['chance']:.1f})" for n, r in rows.items()
-                 if r["zero_shot"] < 2 * r["chance"]]
-        checks.append({"check": "zero-shot >= 2x chance on every set", "tower": t, "holds": not below,
+                 if r["zero_shot"] < NEAR_CHANCE * r["chance"]]
+        checks.append({"check": f"zero-shot >= {NEAR_CHANCE:g}x chance on every set", "tower": t, "holds": not below,
                        "value": "all sets" if not below else "below: " + ", ".join(below)})
         src = rows.get("emb_objects")
         shifts = [n for n in REAL_SHIFT_RATIOS if n in rows]
@@ -219,8 +220,9 @@ def calibration_checks(results: dict[str, list[dict]]) -> list[dict]:
                            "holds": ordered, "value": ", ".join(f"{ratios[n]:.2f}" for n in shifts)})
         if "emb_satellite" in rows:
             r = rows["emb_satellite"]
+            # informational: the set is already in the twice-chance check above
             checks.append({"check": "satellite zero-shot over chance (real EuroSAT 3.8x)", "tower": t,
-                           "holds": r["zero_shot"] >= 2 * r["chance"], "value": f"{r['zero_shot'] / r['chance']:.1f}x"})
+                           "holds": None, "value": f"{r['zero_shot'] / r['chance']:.1f}x"})
         if src and src.get("linear_probe") is not None:
             checks.append({"check": "emb_objects 16-shot probe vs zero-shot (real ImageNet: probe below)", "tower": t,
                            "holds": None, "value": f"{100 * src['linear_probe']:.1f} vs {100 * src['zero_shot']:.1f}"})
