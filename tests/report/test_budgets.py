@@ -26,7 +26,7 @@ def test_budget_table_marks_records_made_on_another_checkpoint(tmp_path, monkeyp
     assert rows["fresh"]["current"] is True and rows["stale"]["current"] is False
     assert rows["fresh"]["official_val"] == 40.0 and rows["fresh"]["chosen_val"] == 55.5
     table = budget_table(tmp_path / "papers")
-    assert "| fresh | tiny-rn | yes | x10 = 0.02 | 40.0 | 55.5 | 50 of 200 |" in table
+    assert "| fresh | tiny-rn | yes | x10 = 0.02 | 40.0 | 55.5 | 50 of 200 | trained |" in table
     assert "| stale | tiny-rn | **no** (0123456789abcdef) |" in table
     assert "(rerun their study): stale." in table
     out = write_budgets(tmp_path / "papers", tmp_path / "reports")
@@ -37,5 +37,7 @@ def test_budget_table_without_the_tower_built(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMT_DATA", str(tmp_path / "nothing"))
     (tmp_path / "papers" / "p").mkdir(parents=True)
     (tmp_path / "papers" / "p" / "convergence.json").write_text(json.dumps(_record("p", "tiny-vit", "abc", factor=1.0)))
+    (tmp_path / "papers" / "p" / "paper.yaml").write_text("budget: {pending: the longer runs have not run}\n")
     assert budget_rows(tmp_path / "papers")[0]["current"] is None
-    assert "| p | tiny-vit | - | x1 = 0.002 |" in budget_table(tmp_path / "papers")
+    table = budget_table(tmp_path / "papers")
+    assert "| p | tiny-vit | - | x1 = 0.002 |" in table and table.rstrip().count("**pending**") == 1
