@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from common.engine import convergence
 
-from .render import current_checkpoint
+from .render import made_on_current_tower
+from .schema import load_paper
 from .tables import md_table
 
 
@@ -17,16 +16,14 @@ def budget_rows(papers_dir: Path | str = "papers") -> list[dict]:
     rows = []
     for path in sorted(Path(papers_dir).glob(f"*/{convergence.RECORD}")):
         rec = convergence.load(path)
-        now = current_checkpoint(rec)
         by_lr = {float(f): v for f, v in rec["mean_val_by_lr"].items()}
-        spec = path.parent / "paper.yaml"
-        budget = (yaml.safe_load(spec.read_text()) or {}).get("budget") if spec.is_file() else None
+        budget = load_paper(path.parent).budget if (path.parent / "paper.yaml").is_file() else None
         rows.append({"paper": path.parent.name, "backbone": rec["backbone"], "checkpoint": rec["checkpoint"],
-                     "current": None if now is None else now in str(rec["checkpoint"]),
+                     "current": made_on_current_tower(rec),
                      "official_lr": rec["official_lr"], "lr_factor": rec["lr_factor"], "lr": rec["lr"],
                      "official_val": by_lr.get(1.0), "chosen_val": by_lr.get(float(rec["lr_factor"])),
                      "official_epochs": rec["official_epochs"], "justified_epochs": rec["justified_epochs"],
-                     "pending": isinstance(budget, dict) and "pending" in budget})
+                     "pending": budget is not None and "pending" in budget})
     return rows
 
 

@@ -415,13 +415,18 @@ def current_checkpoint(record: dict) -> str | None:
     return file_sha256(ckpt) if ckpt.is_file() else None
 
 
+def made_on_current_tower(record: dict) -> bool | None:
+    """Whether the record was made on the checkpoint of its tower that is built now (None: none is built)."""
+    now = current_checkpoint(record)
+    return None if now is None else now in str(record.get("checkpoint", ""))
+
+
 def stale_note(record: dict) -> str:
     """A note when the record was made on another checkpoint of the embedded tower than the current one."""
-    now = current_checkpoint(record)
-    if now is None or now in str(record.get("checkpoint", "")):
+    if made_on_current_tower(record) is not False:
         return ""
     return (f"Note: this record was made on checkpoint {record.get('checkpoint')}; the current {record['backbone']} "
-            f"is {now}: rerun `python -m papers.{record['paper']} convergence`.")
+            f"is {current_checkpoint(record)}: rerun `python -m papers.{record['paper']} convergence`.")
 
 
 def count_line(verdicts: Sequence[Verdict], label: str) -> str:

@@ -3,6 +3,7 @@ import json
 
 from common.clip.loader import file_sha256
 from common.report.budgets import budget_rows, budget_table, write_budgets
+from tests.report.test_schema import MINIMAL
 
 
 def _record(paper, backbone, checkpoint, factor=10.0):
@@ -37,7 +38,8 @@ def test_budget_table_without_the_tower_built(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMT_DATA", str(tmp_path / "nothing"))
     (tmp_path / "papers" / "p").mkdir(parents=True)
     (tmp_path / "papers" / "p" / "convergence.json").write_text(json.dumps(_record("p", "tiny-vit", "abc", factor=1.0)))
-    (tmp_path / "papers" / "p" / "paper.yaml").write_text("budget: {pending: the longer runs have not run}\n")
+    (tmp_path / "papers" / "p" / "paper.yaml").write_text(
+        json.dumps({**MINIMAL, "slug": "p", "budget": {"pending": "the longer runs have not run"}}))   # JSON is YAML
     assert budget_rows(tmp_path / "papers")[0]["current"] is None
     table = budget_table(tmp_path / "papers")
     assert "| p | tiny-vit | - | x1 = 0.002 |" in table and table.rstrip().count("**pending**") == 1

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.clip.loader import load_clip
-from common.metrics import NEAR_CHANCE
 from common.data import build_dataset, load_image, sample_per_class
+from common.metrics import NEAR_CHANCE
 
 # classification sets, in the order of the table
 PROBE_DATASETS = ["emb_objects", "emb_objects_v2", "emb_objects_sketch", "emb_objects_rendition", "emb_objects_hard",
